@@ -1,0 +1,1 @@
+"""Model families: one subpackage each, holding the adapter and a reference implementation."""

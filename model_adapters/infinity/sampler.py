@@ -1,0 +1,216 @@
+"""The baseline (unaccelerated) sampler: the official ``autoregressive_infer_cfg`` bitwise path.
+
+It drives the model only through the methods both the reference class and the official class have, so
+it samples either. Behaviour that decides the output, kept exactly as the official code does it:
+- CFG runs on a doubled batch: rows [0:B] conditional, [B:2B] unconditional, whose text is
+  ``cfg_uncond[:len]`` for each prompt (same lengths, same packing).
+- Logits are divided by tau first, then mixed: ``cfg * l[:B] + (1 - cfg) * l[B:]``.
+- Bits are drawn with one ``torch.multinomial`` over all (token, bit) pairs of a scale after top-k /
+  top-p filtering, from a generator seeded with ``seed`` on the model's device.
+- Teacher forcing (the official ``gt_leak``) still draws, then replaces the bits, so the random stream of
+  later scales is the one the official code sees.
+- Codes are ``normalize(bits * 2s - s)`` with s = 1/sqrt(d) (BSQ), accumulated trilinearly at the final
+  VAE grid; the next scale's input is the trilinear resize of the sum (8B: pixel-unshuffled 2x2).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from graphsurgeon.errors import InputError
+
+from .schedules import identify_schedule
+
+TextInput = tuple  # (kv_compact (N, Ct5), lens list[int], cu_seqlens int32 (B+1,), max_len int)
+
+
+@dataclass
+class GenerationOutput:
+    bits: list[torch.Tensor]
+    """Per scale, uint8 (B, 1, h, w, d) on the VAE grid (8B patchify: (B, 1, 2h, 2w, 14))."""
+    summed_codes: torch.Tensor
+    """float32 (B, d, 1, H, W): the accumulated codes the VAE decodes."""
+    logits: Optional[list[torch.Tensor]] = None
+    """With ``return_logits``: per scale (B, h*w, 2d) = (cfg*cond + (1-cfg)*uncond) / tau."""
+
+
+def bits_to_codes(bits: torch.Tensor, codebook_dim: int) -> torch.Tensor:
+    """BSQ codes of bits (B, 1, h, w, d) -> (B, d, 1, h, w), each code vector of unit norm."""
+    s = 1 / math.sqrt(codebook_dim)
+    return F.normalize(bits * s * 2 - s, dim=-1).movedim(-1, 1)
+
+
+def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, rng: Optional[torch.Generator]) -> torch.Tensor:
+    """Draw one class per row of ``logits`` (B, l, V) after top-k / top-p filtering; returns (B, l) int64."""
+    batch, length, vocab = logits.shape
+    if 0 < top_k < vocab:
+        kth = logits.topk(top_k, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+        drop_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        drop_sorted[..., -1:] = False
+        logits = logits.masked_fill(drop_sorted.scatter(-1, sorted_idx, drop_sorted), -torch.inf)
+    probs = logits.softmax(dim=-1).view(-1, vocab)
+    return torch.multinomial(probs, num_samples=1, replacement=True, generator=rng).view(batch, length)
+
+
+def cfg_mix(logits: torch.Tensor, batch: int, cfg: float) -> torch.Tensor:
+    """Classifier-free guidance on a doubled batch: rows [0:B] conditional, [B:2B] unconditional."""
+    return cfg * logits[:batch] + (1 - cfg) * logits[batch:]
+
+
+def double_text_for_cfg(kv: torch.Tensor, lens: list[int], cu: torch.Tensor, cfg_uncond: torch.Tensor):
+    """Append the unconditional text (``cfg_uncond[:len]`` per prompt) after the conditional prompts."""
+    kv_uncond = kv.clone()
+    for start, n in zip(cu[:-1].tolist(), lens):
+        kv_uncond[start:start + n] = cfg_uncond[:n]
+    return torch.cat((kv, kv_uncond), dim=0), torch.cat((cu, cu[1:] + cu[-1]), dim=0)
+
+
+def check_text(text: TextInput, text_channels: int, max_len_allowed: int, device: torch.device) -> TextInput:
+    """Validate the packed text tuple; returns it with ``cu_seqlens`` as int32 and lens as ints."""
+    if not isinstance(text, (tuple, list)) or len(text) != 4:
+        raise InputError("text must be a tuple (kv_compact, lens, cu_seqlens, max_len)")
+    kv, lens, cu, max_len = text
+    if not isinstance(kv, torch.Tensor) or kv.ndim != 2 or not kv.is_floating_point():
+        raise InputError(f"text kv_compact must be a float tensor (N, {text_channels}), got {getattr(kv, 'shape', type(kv))}")
+    if kv.shape[1] != text_channels:
+        raise InputError(f"text kv_compact has {kv.shape[1]} channels; the model's text_channels is {text_channels}")
+    lens = [int(n) for n in (lens.tolist() if isinstance(lens, torch.Tensor) else lens)]
+    if not lens or min(lens) <= 0:
+        raise InputError(f"text lens must be positive per prompt, got {lens}")
+    if not isinstance(cu, torch.Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.ndim != 1:
+        raise InputError("text cu_seqlens must be a 1-D int32 tensor")
+    expected = [0]
+    for n in lens:
+        expected.append(expected[-1] + n)
+    if cu.tolist() != expected:
+        raise InputError(f"text cu_seqlens {cu.tolist()} disagree with lens {lens} (expected {expected})")
+    if expected[-1] != kv.shape[0]:
+        raise InputError(f"text lens sum to {expected[-1]} but kv_compact has {kv.shape[0]} rows")
+    if int(max_len) != max(lens):
+        raise InputError(f"text max_len is {max_len} but the longest prompt has {max(lens)} tokens")
+    if max(lens) > max_len_allowed:
+        raise InputError(f"a prompt has {max(lens)} tokens; the model's text_maxlen is {max_len_allowed}")
+    if kv.device != device:
+        raise InputError(f"text kv_compact is on {kv.device} but the model is on {device}")
+    return kv, lens, cu.to(device=device, dtype=torch.int32), max(lens)
+
+
+def _per_scale(value: Union[float, Sequence[float]], n: int, name: str) -> list[float]:
+    values = [float(value)] * n if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) < n:
+        raise InputError(f"{name} has {len(values)} values for {n} scales")
+    return values[:n]
+
+
+def _check_forced(force_bits, vae_schedule, batch: int, codebook_dim: int, device) -> list[torch.Tensor]:
+    if force_bits is None:
+        return []
+    if len(force_bits) > len(vae_schedule):
+        raise InputError(f"force_bits has {len(force_bits)} scales; the schedule has {len(vae_schedule)}")
+    forced = []
+    for si, bits in enumerate(force_bits):
+        _, h, w = vae_schedule[si]
+        if tuple(bits.shape) != (batch, 1, h, w, codebook_dim):
+            raise InputError(f"force_bits[{si}] has shape {tuple(bits.shape)}, expected {(batch, 1, h, w, codebook_dim)}")
+        if bits.is_floating_point() or ((bits != 0) & (bits != 1)).any():
+            raise InputError(f"force_bits[{si}] must hold integer or bool 0/1 values")
+        forced.append(bits.to(device=device, dtype=torch.uint8))
+    return forced
+
+
+@torch.no_grad()
+def generate(model, text: TextInput, scale_schedule, cfg: Union[float, Sequence[float]] = 3.0,
+             tau: Union[float, Sequence[float]] = 1.0, top_k: int = 0, top_p: float = 0.0, seed: Optional[int] = None,
+             force_bits: Optional[Sequence[torch.Tensor]] = None, return_logits: bool = False,
+             num_scales: Optional[int] = None) -> GenerationOutput:
+    """Sample the scales of ``scale_schedule`` for the prompts in ``text``; see the module docstring.
+
+    ``num_scales`` stops after that many scales (the official ``trunk_scale``); the codes summed so far are
+    returned at the final grid.
+    """
+    schedule = [tuple(int(v) for v in pn) for pn in scale_schedule]
+    identify_schedule(schedule)
+    n_scales = len(schedule)
+    if num_scales is not None and not 1 <= num_scales <= n_scales:
+        raise InputError(f"num_scales must be in [1, {n_scales}], got {num_scales}")
+    n_run = n_scales if num_scales is None else num_scales
+    cfg_list, tau_list = _per_scale(cfg, n_scales, "cfg"), _per_scale(tau, n_scales, "tau")
+    if any(t <= 0 for t in tau_list):
+        raise InputError(f"tau must be positive, got {tau_list}")
+    if top_k < 0 or not 0.0 <= top_p <= 1.0:
+        raise InputError(f"top_k must be >= 0 and top_p in [0, 1], got top_k={top_k}, top_p={top_p}")
+    device = model.pos_start.device
+    kv, lens, cu, max_len = check_text(text, model.Ct5, model.cfg_uncond.shape[0], device)
+    B = len(lens)
+    patchify = bool(model.apply_spatial_patchify)
+    codebook_dim = model.d_vae // 4 if patchify else model.d_vae
+    vae_schedule = [(t, 2 * h, 2 * w) for t, h, w in schedule] if patchify else schedule
+    forced = _check_forced(force_bits, vae_schedule, B, codebook_dim, device)
+
+    rng = None
+    if seed is not None:
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed)
+
+    use_cfg = any(c != 1 for c in cfg_list)
+    bs = 2 * B if use_cfg else B
+    if use_cfg:
+        kv, cu = double_text_for_cfg(kv, lens, cu, model.cfg_uncond)
+
+    kv = model.text_norm(kv)
+    sos = cond_BD = model.text_proj_for_sos((kv, cu, max_len))
+    kv = model.text_proj_for_ca(kv)
+    ca_kv = (kv, cu, max_len)
+    last_stage = sos.unsqueeze(1).expand(bs, 1, -1) + model.pos_start.expand(bs, 1, -1)
+    with torch.autocast("cuda", enabled=False):
+        cond_gss = model.shared_ada_lin(cond_BD.float()).float().contiguous()
+
+    blocks = list(model.unregistered_blocks)
+    bits_out: list[torch.Tensor] = []
+    logits_out: list[torch.Tensor] = []
+    summed_codes: Union[int, torch.Tensor] = 0
+    for block in blocks:
+        block.sa.kv_caching(True)
+    try:
+        for si, (_, h, w) in enumerate(schedule[:n_run]):
+            cfg_si = cfg_list[si]
+            last_stage = model.add_lvl_embeding(last_stage, si, schedule)
+            for block in blocks:
+                last_stage = block(x=last_stage, cond_BD=cond_gss, ca_kv=ca_kv, attn_bias_or_two_vector=None,
+                                   attn_fn=None, scale_schedule=schedule, rope2d_freqs_grid=model.rope2d_freqs_grid,
+                                   scale_ind=si)
+            if cfg_si != 1:
+                logits = model.get_logits(last_stage, cond_BD).mul(1 / tau_list[si])
+                logits = cfg_mix(logits, B, cfg_si)
+            else:
+                logits = model.get_logits(last_stage[:B], cond_BD[:B]).mul(1 / tau_list[si])
+            if return_logits:
+                logits_out.append(logits)
+            drawn = sample_bits(logits.reshape(B, -1, 2), top_k, top_p, rng).reshape(B, h, w, -1)
+            if patchify:  # (B, h, w, 4d) -> (B, 2h, 2w, d)
+                drawn = F.pixel_shuffle(drawn.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
+            bits = forced[si] if si < len(forced) else drawn.unsqueeze(1).to(torch.uint8)
+            bits_out.append(bits)
+            codes = bits_to_codes(bits, codebook_dim)
+            if si == n_scales - 1:
+                summed_codes = summed_codes + codes
+                break
+            summed_codes = summed_codes + F.interpolate(codes, size=vae_schedule[-1], mode="trilinear")
+            if si == n_run - 1:
+                break
+            nxt = F.interpolate(summed_codes, size=vae_schedule[si + 1], mode="trilinear").squeeze(-3)
+            if patchify:
+                nxt = F.pixel_unshuffle(nxt, 2)
+            nxt = nxt.reshape(*nxt.shape[:2], -1).permute(0, 2, 1)
+            last_stage = model.word_embed(model.norm0_ve(nxt)).repeat(bs // B, 1, 1)
+    finally:
+        for block in blocks:
+            block.sa.kv_caching(False)
+    return GenerationOutput(bits=bits_out, summed_codes=summed_codes, logits=logits_out if return_logits else None)

@@ -1,0 +1,39 @@
+"""Shared fixtures. Reference data lives in ../shared (beside the checkout in CI, absent in a user's clone)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REFERENCE = SHARED / "reference"
+
+
+def reference_file(name: str) -> Path:
+    """Path of a reference file, or skip the test with the reason when ../shared is not there."""
+    path = REFERENCE / name
+    if not path.exists():
+        pytest.skip(f"reference data {path} is absent (it sits beside the checkout in CI, not in a user's clone)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict:
+    return torch.load(reference_file("infinity_tiny_golden.pt"), weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def golden_model(golden):
+    from model_adapters.infinity import build_infinity
+
+    config = {k: v for k, v in golden["config"].items() if k not in ("h_div_w", "B")}
+    model = build_infinity(config, device="meta")
+    model.load_state_dict(golden["state_dict"], strict=True, assign=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def golden_text(golden) -> tuple:
+    return golden["text_kv"], golden["text_lens"], golden["text_cu_seqlens"], max(golden["text_lens"])
