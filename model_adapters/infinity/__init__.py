@@ -5,7 +5,7 @@ from .adapter import InfinityAdapter
 from .builder import build_infinity, init_random_weights
 from .checkpoint import load_infinity, read_state_dict
 from .config import NAMED_CONFIGS, InfinityConfig, resolve_config
-from .model import Infinity
+from .model import Infinity, set_text_attention_bf16
 from .sampler import GenerationOutput, bits_to_codes, generate
 from .schedules import H_DIV_W_TEMPLATES, PIXEL_PRESETS, SCALE_SCHEDULES, get_scale_schedule, identify_schedule
 
@@ -14,5 +14,5 @@ register_adapter(InfinityAdapter.name, InfinityAdapter)
 __all__ = [
     "GenerationOutput", "H_DIV_W_TEMPLATES", "Infinity", "InfinityAdapter", "InfinityConfig", "NAMED_CONFIGS",
     "PIXEL_PRESETS", "SCALE_SCHEDULES", "bits_to_codes", "build_infinity", "generate", "get_scale_schedule",
-    "identify_schedule", "init_random_weights", "load_infinity", "read_state_dict", "resolve_config",
+    "identify_schedule", "init_random_weights", "load_infinity", "read_state_dict", "resolve_config", "set_text_attention_bf16",
 ]

@@ -135,8 +135,8 @@ def generate(model, text: TextInput, scale_schedule, cfg: Union[float, Sequence[
     ``num_scales`` stops after that many scales (the official ``trunk_scale``); the codes summed so far are
     returned at the final grid.
     """
+    identify_schedule(scale_schedule)
     schedule = [tuple(int(v) for v in pn) for pn in scale_schedule]
-    identify_schedule(schedule)
     n_scales = len(schedule)
     if num_scales is not None and not 1 <= num_scales <= n_scales:
         raise InputError(f"num_scales must be in [1, {n_scales}], got {num_scales}")

@@ -52,6 +52,8 @@ def get_scale_schedule(h_div_w: float = 1.0, pn: str = "1M") -> Schedule:
 def identify_schedule(scale_schedule) -> tuple[float, str]:
     """Return ``(h_div_w, pn)`` of an official schedule, or raise :class:`InputError` naming the problem."""
     try:
+        if isinstance(scale_schedule, (str, bytes)):
+            raise TypeError("a string is not a schedule")
         key = tuple((int(t), int(h), int(w)) for t, h, w in scale_schedule)
     except (TypeError, ValueError) as err:
         raise InputError(f"scale_schedule must be a list of (1, h, w) tuples, got {scale_schedule!r}") from err
