@@ -22,7 +22,9 @@ def packed_cross_attention(q: torch.Tensor, kv: torch.Tensor, cu_seqlens_k: torc
 
     q: (B, Lq, H, c); kv: (N, 2, H, c) with rows ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` belonging to row b.
     Returns (B, Lq, H, c) in q's dtype. Softmax and products run in float32 whatever the input dtype,
-    as flash-attn does internally, and the result is rounded to q's dtype once.
+    as flash-attn does internally, and the result is rounded to q's dtype once. Without flash-attn the
+    texts are padded to ``max_seqlen_k`` and masked; this formulation is the one that reproduces the golden
+    case to ~2e-5 (a per-prompt loop lands at ~2e-4, see docs/infinity.md).
     """
     batch, q_len, heads, head_dim = q.shape
     if _flash_varlen_kvpacked is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
@@ -30,14 +32,16 @@ def packed_cross_attention(q: torch.Tensor, kv: torch.Tensor, cu_seqlens_k: torc
         out = _flash_varlen_kvpacked(q.reshape(-1, heads, head_dim), kv, cu_seqlens_q, cu_seqlens_k.to(torch.int32),
                                      q_len, max_seqlen_k, dropout_p=0.0, softmax_scale=scale)
         return out.reshape(batch, q_len, heads, head_dim)
-    out = torch.empty_like(q)
-    bounds = cu_seqlens_k.tolist()
-    for row in range(batch):
-        k_row = kv[bounds[row]:bounds[row + 1], 0].transpose(0, 1).float()  # (H, Lk, c)
-        v_row = kv[bounds[row]:bounds[row + 1], 1].transpose(0, 1).float()
-        q_row = q[row].transpose(0, 1).float()  # (H, Lq, c)
-        out[row] = F.scaled_dot_product_attention(q_row, k_row, v_row, scale=scale).transpose(0, 1).to(q.dtype)
-    return out
+    lens = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    key_len = int(max_seqlen_k)
+    valid = torch.arange(key_len, device=q.device)[None, :] < lens[:, None]  # (B, Lk), packed order = row-major
+    padded = kv.new_zeros(batch, key_len, 2, heads, head_dim, dtype=torch.float32)
+    padded[valid] = kv.float()
+    k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, Lk, c)
+    mask = torch.zeros(batch, 1, 1, key_len, device=q.device).masked_fill(~valid[:, None, None, :], -torch.inf)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k, v, attn_mask=mask.expand(-1, -1, q_len, -1),
+                                         scale=scale)
+    return out.transpose(1, 2).to(q.dtype)
 
 
 @packed_cross_attention.register_fake
