@@ -59,6 +59,47 @@ def sample_bits(logits: torch.Tensor, top_k: int, top_p: float, rng: Optional[to
     return torch.multinomial(probs, num_samples=1, replacement=True, generator=rng).view(batch, length)
 
 
+def scale_blocks(model, scale_ind: int, schedule, max_text_len: int, tokens: torch.Tensor, cond_gss: torch.Tensor,
+                 text_kv: torch.Tensor, text_cu_seqlens: torch.Tensor, rope2d_freqs_grid) -> torch.Tensor:
+    """One scale through the transformer: level embedding, then every block. Returns the hidden states.
+
+    The baseline runs this eagerly and graphsurgeon captures it (followed by the head), so both execute
+    the same operations in the same order.
+    """
+    x = model.add_lvl_embeding(tokens, scale_ind, schedule)
+    ca_kv = (text_kv, text_cu_seqlens, max_text_len)
+    for block in model.unregistered_blocks:
+        x = block(x=x, cond_BD=cond_gss, ca_kv=ca_kv, attn_bias_or_two_vector=None, attn_fn=None,
+                  scale_schedule=schedule, rope2d_freqs_grid=rope2d_freqs_grid, scale_ind=scale_ind)
+    return x
+
+
+class EagerScaleRunner:
+    """Runs a scale on the model itself; its attention modules keep the KV caches between scales."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self) -> "EagerScaleRunner":
+        for block in self.model.unregistered_blocks:
+            block.sa.kv_caching(True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for block in self.model.unregistered_blocks:
+            block.sa.kv_caching(False)
+
+    def run(self, scale_ind: int, schedule, max_text_len: int, tokens, cond_gss, cond_BD, text_kv, text_cu_seqlens,
+            rows: int) -> torch.Tensor:
+        """Raw logits of the first ``rows`` rows (the official code runs the head on the conditional rows only
+        at a scale whose cfg is 1)."""
+        h = scale_blocks(self.model, scale_ind, schedule, max_text_len, tokens, cond_gss, text_kv, text_cu_seqlens,
+                         self.model.rope2d_freqs_grid)
+        if rows == h.shape[0]:
+            return self.model.get_logits(h, cond_BD)
+        return self.model.get_logits(h[:rows], cond_BD[:rows])
+
+
 def cfg_mix(logits: torch.Tensor, batch: int, cfg: float) -> torch.Tensor:
     """Classifier-free guidance on a doubled batch: rows [0:B] conditional, [B:2B] unconditional."""
     return cfg * logits[:batch] + (1 - cfg) * logits[batch:]
@@ -129,11 +170,12 @@ def _check_forced(force_bits, vae_schedule, batch: int, codebook_dim: int, devic
 def generate(model, text: TextInput, scale_schedule, cfg: Union[float, Sequence[float]] = 3.0,
              tau: Union[float, Sequence[float]] = 1.0, top_k: int = 0, top_p: float = 0.0, seed: Optional[int] = None,
              force_bits: Optional[Sequence[torch.Tensor]] = None, return_logits: bool = False,
-             num_scales: Optional[int] = None) -> GenerationOutput:
+             num_scales: Optional[int] = None, scale_runner=None) -> GenerationOutput:
     """Sample the scales of ``scale_schedule`` for the prompts in ``text``; see the module docstring.
 
     ``num_scales`` stops after that many scales (the official ``trunk_scale``); the codes summed so far are
-    returned at the final grid.
+    returned at the final grid. ``scale_runner`` replaces the eager transformer (graphsurgeon passes its
+    captured graphs here); it has ``run(...)`` as :class:`EagerScaleRunner` and is a context manager.
     """
     identify_schedule(scale_schedule)
     schedule = [tuple(int(v) for v in pn) for pn in scale_schedule]
@@ -172,25 +214,16 @@ def generate(model, text: TextInput, scale_schedule, cfg: Union[float, Sequence[
     with torch.autocast("cuda", enabled=False):
         cond_gss = model.shared_ada_lin(cond_BD.float()).float().contiguous()
 
-    blocks = list(model.unregistered_blocks)
     bits_out: list[torch.Tensor] = []
     logits_out: list[torch.Tensor] = []
     summed_codes: Union[int, torch.Tensor] = 0
-    for block in blocks:
-        block.sa.kv_caching(True)
-    try:
+    with scale_runner or EagerScaleRunner(model) as runner:
         for si, (_, h, w) in enumerate(schedule[:n_run]):
             cfg_si = cfg_list[si]
-            last_stage = model.add_lvl_embeding(last_stage, si, schedule)
-            for block in blocks:
-                last_stage = block(x=last_stage, cond_BD=cond_gss, ca_kv=ca_kv, attn_bias_or_two_vector=None,
-                                   attn_fn=None, scale_schedule=schedule, rope2d_freqs_grid=model.rope2d_freqs_grid,
-                                   scale_ind=si)
+            rows = bs if cfg_si != 1 else B
+            logits = runner.run(si, schedule, max_len, last_stage, cond_gss, cond_BD, kv, cu, rows).mul(1 / tau_list[si])
             if cfg_si != 1:
-                logits = model.get_logits(last_stage, cond_BD).mul(1 / tau_list[si])
                 logits = cfg_mix(logits, B, cfg_si)
-            else:
-                logits = model.get_logits(last_stage[:B], cond_BD[:B]).mul(1 / tau_list[si])
             if return_logits:
                 logits_out.append(logits)
             drawn = sample_bits(logits.reshape(B, -1, 2), top_k, top_p, rng).reshape(B, h, w, -1)
@@ -210,7 +243,4 @@ def generate(model, text: TextInput, scale_schedule, cfg: Union[float, Sequence[
                 nxt = F.pixel_unshuffle(nxt, 2)
             nxt = nxt.reshape(*nxt.shape[:2], -1).permute(0, 2, 1)
             last_stage = model.word_embed(model.norm0_ve(nxt)).repeat(bs // B, 1, 1)
-    finally:
-        for block in blocks:
-            block.sa.kv_caching(False)
     return GenerationOutput(bits=bits_out, summed_codes=summed_codes, logits=logits_out if return_logits else None)
