@@ -1,16 +1,125 @@
-"""The Infinity adapter: what graphsurgeon needs to know about the Infinity family."""
+"""The Infinity adapter: everything graphsurgeon needs to know about the Infinity family.
+
+It works on the reference class here and on the official ``infinity.models.infinity.Infinity`` alike,
+because it only uses what both have: ``unregistered_blocks`` (each with ``sa.cached_k/cached_v``),
+``add_lvl_embeding``, the blocks' call signature, ``get_logits`` and ``rope2d_freqs_grid``.
+"""
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Optional, Sequence
 
-from .sampler import GenerationOutput, generate
+import torch
+
+from graphsurgeon.capture import CapturedModel, CapturePlan, ScaleSpec, StateSlot
+
+from .sampler import GenerationOutput, generate, scale_blocks
+from .schedules import get_scale_schedule, identify_schedule
+
+
+def _module_paths(model: torch.nn.Module) -> dict[int, str]:
+    return {id(module): path for path, module in model.named_modules()}
+
+
+class GraphScaleRunner:
+    """Runs captured scale graphs in place of the eager transformer; the KV caches travel as graph values."""
+
+    def __init__(self, captured: CapturedModel, rope_table: torch.Tensor):
+        self.captured, self.rope_table = captured, rope_table
+        self.state: list[torch.Tensor] = []
+
+    def __enter__(self) -> "GraphScaleRunner":
+        self.state = []
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.state = []
+
+    def run(self, scale_ind: int, schedule, max_text_len: int, tokens, cond_gss, cond_BD, text_kv, text_cu_seqlens,
+            rows: int) -> torch.Tensor:
+        graph = self.captured.scales[scale_ind]
+        outputs = graph.module(tokens, cond_gss, cond_BD, text_kv, text_cu_seqlens, self.rope_table, *self.state)
+        n_state = len(graph.state_outputs)
+        self.state = list(outputs[len(outputs) - n_state:])
+        logits = outputs[0]
+        return logits if rows == logits.shape[0] else logits[:rows]
 
 
 class InfinityAdapter:
-    """Adapter for Infinity-2B/8B: the reference class here and the official ``Infinity`` class alike."""
+    """Adapter for Infinity-2B/8B."""
 
     name = "infinity"
 
     def generate(self, model: Any, **kwargs: Any) -> GenerationOutput:
         """The baseline sampler (see :func:`model_adapters.infinity.sampler.generate`)."""
         return generate(model, **kwargs)
+
+    # -- capture ------------------------------------------------------------------------------------------
+    def capture_key(self, model: Any, text, scale_schedule, cfg=3.0, **_: Any) -> tuple:
+        """What a captured graph set is specialised to: schedule, prompt lengths, CFG doubling, device."""
+        lens = tuple(int(n) for n in text[1])
+        cfg_on = any(c != 1 for c in ([cfg] if isinstance(cfg, (int, float)) else cfg))
+        return (tuple(tuple(int(v) for v in pn) for pn in scale_schedule), lens, cfg_on, str(model.pos_start.device))
+
+    def default_capture_args(self, model: Any, batch_size: int = 1, text_len: int = 8,
+                             schedule: Optional[Sequence] = None) -> dict[str, Any]:
+        """Generation arguments with placeholder text, for capturing without real prompts (check, export)."""
+        lens = [text_len] * batch_size
+        kv = torch.zeros(sum(lens), model.Ct5, device=model.pos_start.device)
+        cu = torch.tensor([0] + [text_len * (i + 1) for i in range(batch_size)], dtype=torch.int32, device=kv.device)
+        return dict(text=(kv, lens, cu, text_len), scale_schedule=list(schedule or get_scale_schedule(1.0, "1M")), cfg=3.0)
+
+    def capture_plan(self, model: Any, text, scale_schedule, cfg=3.0, **_: Any) -> CapturePlan:
+        identify_schedule(scale_schedule)
+        schedule = [tuple(int(v) for v in pn) for pn in scale_schedule]
+        lens = [int(n) for n in text[1]]
+        cfg_on = any(c != 1 for c in ([cfg] if isinstance(cfg, (int, float)) else cfg))
+        rows = 2 * len(lens) if cfg_on else len(lens)
+        text_rows = sum(lens) * (2 if cfg_on else 1)
+        max_len = max(lens)
+        C, D = model.C, model.D
+        meta = dict(device="meta")
+        rope_table = model.rope2d_freqs_grid[str(tuple(schedule))]
+        common = {
+            "cond_gss": torch.empty(rows, 1, 6, C, **meta),
+            "cond_BD": torch.empty(rows, D, **meta),
+            "text_kv": torch.empty(text_rows, D, **meta),
+            "text_cu_seqlens": torch.empty(rows + 1, dtype=torch.int32, **meta),
+            "rope_table": torch.empty(rope_table.shape, dtype=rope_table.dtype, **meta),
+        }
+        paths = _module_paths(model)
+        state = []
+        for i, block in enumerate(model.unregistered_blocks):
+            state += [StateSlot(f"kv{i}_k", paths[id(block.sa)], "cached_k"), StateSlot(f"kv{i}_v", paths[id(block.sa)], "cached_v")]
+        key = str(tuple(schedule))
+
+        def make_step(si: int):
+            def step(m, inputs):
+                h = scale_blocks(m, si, schedule, max_len, inputs["tokens"], inputs["cond_gss"], inputs["text_kv"],
+                                 inputs["text_cu_seqlens"], {key: inputs["rope_table"]})
+                return {"logits": m.get_logits(h, inputs["cond_BD"])}
+            return step
+
+        scales = [ScaleSpec(index=si, grid=(t, h, w), inputs={"tokens": torch.empty(rows, t * h * w, C, **meta), **common},
+                            token_input="tokens", token_axis=1, step=make_step(si))
+                  for si, (t, h, w) in enumerate(schedule)]
+
+        @contextlib.contextmanager
+        def caching_on():
+            for block in model.unregistered_blocks:
+                block.sa.kv_caching(True)
+            try:
+                yield
+            finally:
+                for block in model.unregistered_blocks:
+                    block.sa.kv_caching(False)
+
+        notes = [f"CFG {'on: rows [0:B] conditional, [B:2B] unconditional' if cfg_on else 'off'}; "
+                 f"batch {len(lens)}, text lengths {lens}",
+                 "RoPE table is a graph input (rope_table); each attention slices its scale's positions from it",
+                 "cross-attention to text is the custom op graphsurgeon_infinity::packed_cross_attention "
+                 "(flash-attn on CUDA when installed)"]
+        return CapturePlan(model=model, scales=scales, state=state, prepare=caching_on, notes=notes)
+
+    def graph_runner(self, model: Any, captured: CapturedModel, scale_schedule) -> GraphScaleRunner:
+        return GraphScaleRunner(captured, model.rope2d_freqs_grid[str(tuple(tuple(int(v) for v in pn) for pn in scale_schedule))])

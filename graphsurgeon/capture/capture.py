@@ -1,0 +1,195 @@
+"""Capture: per-scale torch.fx graphs of a model, with the state that crosses scales made explicit."""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.fx
+
+from ..meta import annotate
+from .plan import CapturePlan, ScaleSpec, StateSlot
+from .report import CaptureReport, ScaleReport
+from .token_axes import propagate_token_axes
+from .tracer import CaptureError, ShapeTracer, to_meta
+
+_INPLACE_FUNCTIONS = {"setitem", "iadd", "isub", "imul", "itruediv"}
+
+
+@dataclass
+class ScaleGraph:
+    """The captured step of one scale. Inputs: ``input_names`` then ``state_inputs``; outputs likewise."""
+
+    index: int
+    grid: tuple[int, ...]
+    tokens: int
+    module: torch.fx.GraphModule
+    input_names: list[str]
+    output_names: list[str]
+    state_inputs: list[str]
+    state_outputs: list[str]
+
+
+@dataclass
+class CapturedModel:
+    scales: list[ScaleGraph]
+    state: list[StateSlot]
+    report: CaptureReport
+    plan: CapturePlan = field(repr=False)
+
+    def graph_modules(self) -> list[torch.fx.GraphModule]:
+        return [scale.module for scale in self.scales]
+
+
+def _make_root(model: torch.nn.Module, spec: ScaleSpec, state: list[StateSlot], with_state_inputs: bool):
+    """A module whose ``forward`` takes the step's inputs as named arguments (fx traces the signature)."""
+    names = list(spec.inputs) + ([slot.name for slot in state] if with_state_inputs else [])
+    source = f"def forward(self, {', '.join(names)}):\n    return self.run_step({{{', '.join(f'{n!r}: {n}' for n in names)}}})\n"
+    namespace: dict[str, Any] = {}
+    exec(source, namespace)  # noqa: S102 - generated from identifiers we control
+
+    def run_step(self, values: dict[str, Any]):
+        modules = [self.model.get_submodule(slot.module) for slot in state]
+        for slot, module in zip(state, modules):
+            _set_state(module, slot.attribute, values.get(slot.name))
+        outputs = spec.step(self.model, {name: values[name] for name in spec.inputs})
+        self.output_keys = list(outputs)
+        for slot, module in zip(state, modules):
+            outputs[slot.name] = getattr(module, slot.attribute)
+        return tuple(outputs.values())
+
+    cls = type(f"Scale{spec.index}Step", (torch.nn.Module,), {"forward": namespace["forward"], "run_step": run_step})
+    root = cls()
+    root.model = model
+    return root, names
+
+
+def _set_state(module: torch.nn.Module, attribute: str, value: Any) -> None:
+    if attribute in module._buffers:
+        module._buffers[attribute] = value
+    else:
+        object.__setattr__(module, attribute, value)
+
+
+def _contains_proxy(value: Any) -> bool:
+    if isinstance(value, torch.fx.Proxy):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(isinstance(v, torch.fx.Proxy) for v in value)
+    if isinstance(value, dict):
+        return any(isinstance(v, torch.fx.Proxy) for v in value.values())
+    return False
+
+
+def _find_leaks(model: torch.nn.Module) -> list[str]:
+    leaks = []
+    for path, module in model.named_modules():
+        for store in (vars(module), module._buffers, module._parameters):
+            for attribute, value in store.items():
+                if _contains_proxy(value):
+                    leaks.append(f"{path or '<root>'}.{attribute} ({type(module).__name__})")
+    return leaks
+
+
+@contextlib.contextmanager
+def _eager_compiled_helpers(model: torch.nn.Module, replaced: list[str]) -> Iterator[None]:
+    """Swap ``torch.compile``-wrapped callables held in module attributes for the functions they wrap."""
+    saved = []
+    for path, module in model.named_modules():
+        for attribute, value in list(vars(module).items()):
+            original = getattr(value, "_torchdynamo_orig_callable", None)
+            if callable(value) and original is not None:
+                saved.append((module, attribute, value))
+                object.__setattr__(module, attribute, original)
+                replaced.append(f"{path}.{attribute}" if path else attribute)
+    try:
+        yield
+    finally:
+        for module, attribute, value in saved:
+            object.__setattr__(module, attribute, value)
+
+
+def _state_mutations(graph: torch.fx.Graph) -> list[str]:
+    """In-place writes whose target is a model tensor (a get_attr), found through views."""
+    problems = []
+    for node in graph.nodes:
+        inplace = (node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_")) or (
+            node.op == "call_function" and getattr(node.target, "__name__", "") in _INPLACE_FUNCTIONS)
+        if not inplace or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        base = node.args[0]
+        while base.op in ("call_method", "call_function") and base.args and isinstance(base.args[0], torch.fx.Node):
+            base = base.args[0]
+        if base.op == "get_attr":
+            problems.append(f"{node.name} writes into model tensor '{base.target}' in place")
+    return problems
+
+
+def _trace_scale(plan: CapturePlan, spec: ScaleSpec, device: torch.device, state_values: Optional[list[Any]],
+                 memo: dict):
+    root, names = _make_root(plan.model, spec, plan.state, with_state_inputs=state_values is not None)
+    tracer = ShapeTracer(device, plan.leaf_types, plan.leaf_functions)
+    tracer.share_memo(memo)
+    tracer.placeholder_values = {name: to_meta(value) for name, value in spec.inputs.items()}
+    if state_values is not None:
+        tracer.placeholder_values.update({slot.name: v for slot, v in zip(plan.state, state_values)})
+    modules = [plan.model.get_submodule(slot.module) for slot in plan.state]
+    originals = [getattr(module, slot.attribute, None) for slot, module in zip(plan.state, modules)]
+    try:
+        with tracer.autocast_as_nodes():
+            graph = tracer.trace(root)
+    finally:
+        for slot, module, value in zip(plan.state, modules, originals):
+            _set_state(module, slot.attribute, value)
+    leaks = _find_leaks(plan.model)
+    if leaks:
+        raise CaptureError(
+            f"capture: scale {spec.index} left traced values in module attributes that the adapter does not declare "
+            f"as state: {', '.join(leaks)}. Declare them as StateSlot (explicit graph input/output) or make the "
+            "module a leaf.")
+    mutations = _state_mutations(graph)
+    if mutations:
+        raise CaptureError(f"capture: scale {spec.index} mutates model state: {'; '.join(mutations)}")
+    module = torch.fx.GraphModule(root, graph, class_name=f"Scale{spec.index}Step")
+    return module, names, root.output_keys, tracer
+
+
+def capture(plan: CapturePlan, device: Optional[torch.device] = None) -> CapturedModel:
+    """Trace every scale of ``plan`` into its own GraphModule and annotate token axes."""
+    if device is None:
+        first = next(plan.model.parameters(), None)
+        device = first.device if first is not None and first.device.type != "meta" else torch.device("cpu")
+    report = CaptureReport(notes=list(plan.notes), state=[f"{s.name} <- {s.module}.{s.attribute}" for s in plan.state])
+    scales: list[ScaleGraph] = []
+    state_values: Optional[list[Any]] = None
+    memo: dict = {}  # example values of ops already seen, shared by all scales
+    start = time.perf_counter()
+    with plan.prepare(), _eager_compiled_helpers(plan.model, report.compiled_helpers):
+        for spec in plan.scales:
+            t0 = time.perf_counter()
+            module, names, step_outputs, tracer = _trace_scale(plan, spec, torch.device(device), state_values, memo)
+            output_node = next(n for n in reversed(module.graph.nodes) if n.op == "output")
+            outputs = output_node.args[0]
+            output_names = step_outputs + [slot.name for slot in plan.state]
+            for node, name in zip(outputs, output_names):
+                if isinstance(node, torch.fx.Node):
+                    annotate(node, output=name)
+            state_out = outputs[len(outputs) - len(plan.state):] if plan.state else ()
+            state_values = [n.meta.get("val") if isinstance(n, torch.fx.Node) else None for n in state_out]
+            if plan.state and any(v is None for v in state_values):
+                missing = [s.name for s, v in zip(plan.state, state_values) if v is None]
+                raise CaptureError(f"capture: scale {spec.index} did not produce declared state {missing}")
+            axes = propagate_token_axes(module.graph, spec.token_input, spec.token_axis, spec.tokens)
+            n_state_in = len(plan.state) if spec.index != plan.scales[0].index else 0
+            scales.append(ScaleGraph(
+                index=spec.index, grid=tuple(spec.grid), tokens=spec.tokens, module=module,
+                input_names=list(spec.inputs), output_names=output_names[:len(output_names) - len(plan.state)],
+                state_inputs=names[len(names) - n_state_in:] if n_state_in else [],
+                state_outputs=[slot.name for slot in plan.state]))
+            report.add_scale(ScaleReport.from_graph(spec, module, axes, time.perf_counter() - t0))
+            report.record_leaves(module, tracer)
+    report.seconds = time.perf_counter() - start
+    return CapturedModel(scales=scales, state=list(plan.state), report=report, plan=plan)

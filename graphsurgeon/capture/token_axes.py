@@ -1,0 +1,259 @@
+"""Token-axis analysis: which dimension of each value is the current scale's token axis.
+
+Starting from the scale's token input, the axis is carried through every node by rules for the ops that
+move dimensions (permute, transpose, view/reshape, (un)squeeze, stack/unbind, indexing, attention,
+matmul) and by right-aligned broadcasting for the rest. Results go to ``node.meta["graphsurgeon"]``:
+
+- ``token_axis``: the dimension (int) of the current scale's tokens, ``None`` if the value has none;
+  a list for tuple-valued nodes;
+- ``kv_axis``: set on a concatenation that appends this scale's tokens to earlier ones (a KV cache);
+- ``role = "token_side_input"``: a value without its own token axis that meets the token axis in a
+  broadcasting op with one entry per token (RoPE slices, per-token embeddings). ``side_input_root`` marks
+  where such a value is cut from a larger tensor (the node a token gather must replace).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.fx
+
+from ..meta import annotate, annotations
+
+_SHAPE_MOVERS = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as"}
+_REDUCTIONS = {"mean", "sum", "amax", "amin", "max", "min", "prod", "norm", "logsumexp", "var", "std", "all", "any"}
+_PASS_THROUGH = {"to", "float", "half", "bfloat16", "double", "type_as", "contiguous", "clone", "detach", "expand",
+                 "expand_as", "__getitem__"}
+
+
+@dataclass
+class TokenAxisSummary:
+    tokens: int
+    annotated: int = 0
+    unresolved: list[str] = field(default_factory=list)
+    side_inputs: list[dict[str, Any]] = field(default_factory=list)
+    kv_appends: list[str] = field(default_factory=list)
+
+
+def _name(node: torch.fx.Node) -> str:
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_module":
+        return "module"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _rank(value: Any) -> Optional[int]:
+    return value.dim() if isinstance(value, torch.Tensor) else None
+
+
+def _norm(dim: int, rank: int) -> int:
+    return dim + rank if dim < 0 else dim
+
+
+def _dim_arg(node: torch.fx.Node, position: int, default: Any = None) -> Any:
+    if len(node.args) > position:
+        return node.args[position]
+    return node.kwargs.get("dim", default)
+
+
+def _index_map(index: Any, in_rank: int) -> list[Optional[int]]:
+    """For ``x[index]``: the output dim of each input dim (None where an int removes it)."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    n_consumed = sum(1 for it in items if it is not None and it is not Ellipsis)
+    mapping: list[Optional[int]] = []
+    out_dim = 0
+    for it in items:
+        if it is Ellipsis:
+            for _ in range(in_rank - n_consumed):
+                mapping.append(out_dim)
+                out_dim += 1
+        elif it is None:
+            out_dim += 1
+        elif isinstance(it, int):
+            mapping.append(None)
+        else:  # slice or tensor index: keeps a dimension
+            mapping.append(out_dim)
+            out_dim += 1
+    while len(mapping) < in_rank:
+        mapping.append(out_dim)
+        out_dim += 1
+    return mapping
+
+
+def _reshape_axis(src_shape: torch.Size, axis: int, out_shape: torch.Size) -> Optional[int]:
+    """The output dim that is exactly the input's token dim (same extent, same elements before it)."""
+    before = 1
+    for extent in src_shape[:axis]:
+        before *= extent
+    acc = 1
+    for j, extent in enumerate(out_shape):
+        if acc == before and extent == src_shape[axis]:
+            return j
+        acc *= extent
+    return None
+
+
+def _infer(node: torch.fx.Node, axes: dict[torch.fx.Node, Any]) -> tuple[Any, Optional[str]]:
+    """(token axis of the node's value, note) from its inputs' axes."""
+    value = node.meta.get("val")
+    carriers = [a for a in node.all_input_nodes if isinstance(axes.get(a), (int, list))]
+    if not carriers:
+        return None, None
+    name = _name(node)
+    src = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else carriers[0]
+    src_axis = axes.get(src)
+    src_value = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
+
+    if name in ("getitem",) and isinstance(src_axis, list):
+        index = node.args[1]
+        return (src_axis[index] if isinstance(index, int) and index < len(src_axis) else None), None
+    if isinstance(value, (tuple, list)):
+        if name in ("unbind", "split", "chunk") and isinstance(src_axis, int):
+            dim = _norm(_dim_arg(node, 1 if name == "unbind" else 2, 0) or 0, src_value.dim())
+            if name == "unbind":
+                return [None if dim == src_axis else src_axis - (dim < src_axis) for _ in value], None
+            return [None if dim == src_axis else src_axis for _ in value], None
+        return None, None
+    if not isinstance(value, torch.Tensor):
+        return None, None
+    if not isinstance(src_axis, int):
+        src = next(a for a in carriers if isinstance(axes.get(a), int)) if any(isinstance(axes.get(a), int) for a in carriers) else None
+        if src is None:
+            return None, None
+        src_axis, src_value = axes[src], src.meta.get("val")
+    if not isinstance(src_value, torch.Tensor):
+        return None, None
+    extent = src_value.shape[src_axis]
+    out = value.shape
+
+    def checked(dim: Optional[int]) -> Optional[int]:
+        return dim if dim is not None and 0 <= dim < len(out) and out[dim] == extent else None
+
+    if name == "permute":
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+        dims = [_norm(d, src_value.dim()) for d in dims]
+        return checked(dims.index(src_axis)), None
+    if name in ("transpose", "swapaxes"):
+        a, b = (_norm(d, src_value.dim()) for d in node.args[1:3])
+        return checked(b if src_axis == a else a if src_axis == b else src_axis), None
+    if name in _SHAPE_MOVERS:
+        return checked(_reshape_axis(src_value.shape, src_axis, out)), None
+    if name == "unsqueeze":
+        dim = _norm(_dim_arg(node, 1), value.dim())
+        return checked(src_axis + (dim <= src_axis)), None
+    if name == "squeeze":
+        return checked(_reshape_axis(src_value.shape, src_axis, out)), None
+    if name == "getitem":
+        mapping = _index_map(node.args[1], src_value.dim())
+        return checked(mapping[src_axis] if src_axis < len(mapping) else None), None
+    if name in ("cat", "concat", "concatenate"):
+        tensors = node.args[0]
+        dim = _norm(_dim_arg(node, 1, 0), value.dim())
+        carrier_axes = [axes.get(t) for t in tensors if isinstance(t, torch.fx.Node)]
+        if dim in carrier_axes:
+            return None, "kv_append"
+        return checked(next(a for a in carrier_axes if isinstance(a, int))), None
+    if name == "stack":
+        dim = _norm(_dim_arg(node, 1, 0), value.dim())
+        return checked(src_axis + (dim <= src_axis)), None
+    if name in ("scaled_dot_product_attention",):
+        q_axis = axes.get(node.args[0]) if node.args else None
+        return checked(q_axis if isinstance(q_axis, int) else None), None
+    if name in ("matmul", "bmm", "matmul_") or node.target is operator.matmul:
+        first = node.args[0]
+        if first is src and src_axis < src_value.dim() - 1:
+            return checked(src_axis + value.dim() - src_value.dim()), None
+        return None, None
+    if name in _REDUCTIONS and _dim_arg(node, 1) is not None:
+        dims = _dim_arg(node, 1)
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if src_axis in [_norm(d, src_value.dim()) for d in dims]:
+            return None, None
+    # elementwise, broadcasting, modules that act on the last dim, softmax, normalize, linear ...
+    aligned = checked(src_axis + value.dim() - src_value.dim())
+    if aligned is not None:
+        return aligned, None
+    candidates = [j for j, e in enumerate(out) if e == extent]
+    return (candidates[0], "guessed") if len(candidates) == 1 else (None, "lost")
+
+
+def _side_inputs(node: torch.fx.Node, axes: dict, summary: TokenAxisSummary) -> None:
+    """Inputs without a token axis that broadcast against it one entry per token."""
+    axis = axes.get(node)
+    value = node.meta.get("val")
+    if not isinstance(axis, int) or not isinstance(value, torch.Tensor) or node.op not in ("call_function", "call_method"):
+        return
+    for arg in node.all_input_nodes:
+        arg_value = arg.meta.get("val")
+        if axes.get(arg) is not None or not isinstance(arg_value, torch.Tensor) or arg_value.dim() == 0:
+            continue
+        aligned = axis - (value.dim() - arg_value.dim())
+        if 0 <= aligned < arg_value.dim() and arg_value.shape[aligned] == value.shape[axis] and value.shape[axis] > 1:
+            root = _trace_side_input(arg, aligned, axes)
+            entry = {"meets": node.name, "value": arg.name, "axis": aligned, "root": root.name,
+                     "root_source": _source_of(root)}
+            if entry["root"] not in {e["root"] for e in summary.side_inputs}:
+                summary.side_inputs.append(entry)
+
+
+def _trace_side_input(node: torch.fx.Node, axis: int, axes: dict) -> torch.fx.Node:
+    """Walk back from a per-token side value to the node that cuts it from a larger tensor."""
+    while True:
+        annotate(node, token_axis=axis, role="token_side_input")
+        axes[node] = axis
+        name = _name(node)
+        parent = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        parent_value = parent.meta.get("val") if parent is not None else None
+        if parent is None or not isinstance(parent_value, torch.Tensor) or name not in _PASS_THROUGH | {"getitem"}:
+            annotate(node, side_input_root=True)
+            return node
+        parent_axis = axis
+        if name == "getitem":
+            mapping = _index_map(node.args[1], parent_value.dim())
+            if axis not in mapping:
+                annotate(node, side_input_root=True)
+                return node
+            parent_axis = mapping.index(axis)
+        if parent_value.shape[parent_axis] != node.meta["val"].shape[axis]:
+            annotate(node, side_input_root=True)  # this node selects the scale's entries from a larger table
+            return node
+        node, axis = parent, parent_axis
+
+
+def _source_of(node: torch.fx.Node) -> str:
+    while node.all_input_nodes and node.op not in ("placeholder", "get_attr"):
+        node = node.all_input_nodes[0]
+    return f"{node.op}:{node.target}"
+
+
+def propagate_token_axes(graph: torch.fx.Graph, token_input: str, token_axis: int, tokens: int,
+                         overrides: Optional[dict[str, Any]] = None) -> TokenAxisSummary:
+    """Annotate every node of ``graph``; ``overrides`` (node name -> axis) lets an adapter correct the result."""
+    summary = TokenAxisSummary(tokens=tokens)
+    axes: dict[torch.fx.Node, Any] = {}
+    overrides = overrides or {}
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            axis, note = (token_axis if node.target == token_input else None), None
+        elif node.op == "output":
+            continue
+        else:
+            axis, note = _infer(node, axes)
+        if node.name in overrides:
+            axis, note = overrides[node.name], "adapter"
+        axes[node] = axis
+        info = annotations(node)
+        info["token_axis"] = axis
+        if note == "kv_append":
+            info["kv_axis"] = _norm(_dim_arg(node, 1, 0), node.meta["val"].dim())
+            info["role"] = "kv_cache_append"
+            summary.kv_appends.append(node.name)
+        elif note in ("guessed", "lost"):
+            summary.unresolved.append(f"{node.name} ({note})")
+        if axis is not None:
+            summary.annotated += 1
+        _side_inputs(node, axes, summary)
+    return summary
