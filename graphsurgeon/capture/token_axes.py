@@ -83,23 +83,36 @@ def _index_map(index: Any, in_rank: int) -> list[Optional[int]]:
     return mapping
 
 
-def _reshape_axis(src_shape: torch.Size, axis: int, out_shape: torch.Size) -> Optional[int]:
-    """The output dim that is exactly the input's token dim (same extent, same elements before it)."""
-    before = 1
-    for extent in src_shape[:axis]:
-        before *= extent
-    acc = 1
-    for j, extent in enumerate(out_shape):
-        if acc == before and extent == src_shape[axis]:
-            return j
-        acc *= extent
+@dataclass(frozen=True)
+class Merged:
+    """The token axis folded into a larger dimension (e.g. batch x tokens), tokens varying fastest in it."""
+
+    dim: int
+    extent: int
+
+
+def _reshape_axis(src_shape: torch.Size, axis: Any, out_shape: torch.Size, extent: int) -> Any:
+    """Where the token axis lands after a reshape: the dim whose inner elements equal the token axis's."""
+    dim = axis.dim if isinstance(axis, Merged) else axis
+    inner = 1
+    for e in src_shape[dim + 1:]:
+        inner *= e
+    for j in range(len(out_shape)):
+        out_inner = 1
+        for e in out_shape[j + 1:]:
+            out_inner *= e
+        if out_inner == inner:
+            if out_shape[j] == extent:
+                return j
+            if out_shape[j] % extent == 0:
+                return Merged(j, extent)
     return None
 
 
 def _infer(node: torch.fx.Node, axes: dict[torch.fx.Node, Any]) -> tuple[Any, Optional[str]]:
     """(token axis of the node's value, note) from its inputs' axes."""
     value = node.meta.get("val")
-    carriers = [a for a in node.all_input_nodes if isinstance(axes.get(a), (int, list))]
+    carriers = [a for a in node.all_input_nodes if isinstance(axes.get(a), (int, list, Merged))]
     if not carriers:
         return None, None
     name = _name(node)
@@ -119,15 +132,22 @@ def _infer(node: torch.fx.Node, axes: dict[torch.fx.Node, Any]) -> tuple[Any, Op
         return None, None
     if not isinstance(value, torch.Tensor):
         return None, None
-    if not isinstance(src_axis, int):
-        src = next(a for a in carriers if isinstance(axes.get(a), int)) if any(isinstance(axes.get(a), int) for a in carriers) else None
+    if not isinstance(src_axis, (int, Merged)):
+        src = next((a for a in carriers if isinstance(axes.get(a), (int, Merged))), None)
         if src is None:
             return None, None
         src_axis, src_value = axes[src], src.meta.get("val")
     if not isinstance(src_value, torch.Tensor):
         return None, None
-    extent = src_value.shape[src_axis]
     out = value.shape
+    if isinstance(src_axis, Merged):  # only reshapes and same-shape ops carry a folded token axis
+        extent = src_axis.extent
+        if name in _SHAPE_MOVERS or name == "squeeze":
+            return _reshape_axis(src_value.shape, src_axis, out, extent), None
+        if value.dim() == src_value.dim() and out[src_axis.dim] == src_value.shape[src_axis.dim]:
+            return src_axis, None
+        return None, None
+    extent = src_value.shape[src_axis]
 
     def checked(dim: Optional[int]) -> Optional[int]:
         return dim if dim is not None and 0 <= dim < len(out) and out[dim] == extent else None
@@ -139,13 +159,11 @@ def _infer(node: torch.fx.Node, axes: dict[torch.fx.Node, Any]) -> tuple[Any, Op
     if name in ("transpose", "swapaxes"):
         a, b = (_norm(d, src_value.dim()) for d in node.args[1:3])
         return checked(b if src_axis == a else a if src_axis == b else src_axis), None
-    if name in _SHAPE_MOVERS:
-        return checked(_reshape_axis(src_value.shape, src_axis, out)), None
+    if name in _SHAPE_MOVERS or name == "squeeze":
+        return _reshape_axis(src_value.shape, src_axis, out, extent), None
     if name == "unsqueeze":
         dim = _norm(_dim_arg(node, 1), value.dim())
         return checked(src_axis + (dim <= src_axis)), None
-    if name == "squeeze":
-        return checked(_reshape_axis(src_value.shape, src_axis, out)), None
     if name == "getitem":
         mapping = _index_map(node.args[1], src_value.dim())
         return checked(mapping[src_axis] if src_axis < len(mapping) else None), None
@@ -160,7 +178,8 @@ def _infer(node: torch.fx.Node, axes: dict[torch.fx.Node, Any]) -> tuple[Any, Op
         dim = _norm(_dim_arg(node, 1, 0), value.dim())
         return checked(src_axis + (dim <= src_axis)), None
     if name in ("scaled_dot_product_attention",):
-        q_axis = axes.get(node.args[0]) if node.args else None
+        query = node.args[0] if node.args else node.kwargs.get("query")
+        q_axis = axes.get(query)
         return checked(q_axis if isinstance(q_axis, int) else None), None
     if name in ("matmul", "bmm", "matmul_") or node.target is operator.matmul:
         first = node.args[0]
@@ -246,14 +265,16 @@ def propagate_token_axes(graph: torch.fx.Graph, token_input: str, token_axis: in
             axis, note = overrides[node.name], "adapter"
         axes[node] = axis
         info = annotations(node)
-        info["token_axis"] = axis
+        info["token_axis"] = axis if isinstance(axis, (int, list)) or axis is None else None
+        if isinstance(axis, Merged):
+            info["token_axis_merged"] = (axis.dim, axis.extent)
         if note == "kv_append":
             info["kv_axis"] = _norm(_dim_arg(node, 1, 0), node.meta["val"].dim())
             info["role"] = "kv_cache_append"
             summary.kv_appends.append(node.name)
         elif note in ("guessed", "lost"):
             summary.unresolved.append(f"{node.name} ({note})")
-        if axis is not None:
+        if isinstance(axis, (int, Merged)):
             summary.annotated += 1
         _side_inputs(node, axes, summary)
     return summary

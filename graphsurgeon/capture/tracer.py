@@ -147,6 +147,8 @@ class ShapeTracer(torch.fx.Tracer):
         """Buffers become ``get_attr`` nodes, found by identity (fx would scan every buffer per use)."""
         if isinstance(a, torch.Tensor) and not isinstance(a, torch.fx.Proxy) and id(a) in self._buffer_names:
             return self.create_node("get_attr", self._buffer_names[id(a)], (), {})
+        if type(a).__module__ == "numpy" and hasattr(a, "item") and getattr(a, "ndim", None) == 0:
+            return a.item()  # numpy scalars (e.g. a slice bound from np.sum) become Python scalars
         return super().create_arg(a)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:

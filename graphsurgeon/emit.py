@@ -1,0 +1,55 @@
+"""Emit: the optimized model. It runs the adapter's sampler with captured (and rewritten) scale graphs."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .adapters import ModelAdapter
+from .capture import CapturedModel, CaptureReport, capture
+
+
+class OptimizedModel:
+    """The result of :func:`graphsurgeon.optimize`.
+
+    ``generate`` has the adapter's baseline signature. Graphs are specialised (see the capture report), so
+    a call whose specialisation key differs from earlier calls (another schedule, batch size or prompt
+    lengths) captures a new set first; sets are cached.
+    """
+
+    def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, passes: list[str]):
+        self.model, self.adapter, self.passes = model, adapter, passes
+        self._captured: dict[Any, CapturedModel] = {}
+        self._last_key: Optional[Any] = None
+
+    def capture(self, **generate_kwargs: Any) -> CapturedModel:
+        """The graph set for these generation arguments (captured on first use)."""
+        key = self.adapter.capture_key(self.model, **generate_kwargs)
+        if key not in self._captured:
+            self._captured[key] = capture(self.adapter.capture_plan(self.model, **generate_kwargs))
+        self._last_key = key
+        return self._captured[key]
+
+    def generate(self, **kwargs: Any):
+        captured = self.capture(**kwargs)
+        runner = self.adapter.graph_runner(self.model, captured, kwargs["scale_schedule"])
+        return self.adapter.generate(self.model, scale_runner=runner, **kwargs)
+
+    def _current(self) -> CapturedModel:
+        if self._last_key is None:
+            self.capture(**self.adapter.default_capture_args(self.model))
+        return self._captured[self._last_key]
+
+    def graph_modules(self) -> list[torch.fx.GraphModule]:
+        """The GraphModules the last ``generate`` ran (or the adapter's default capture), one per scale."""
+        return self._current().graph_modules()
+
+    @property
+    def capture_report(self) -> CaptureReport:
+        return self._current().report
+
+    def export(self, directory, **options: Any):
+        """Write readable code, drawings, ONNX and a manifest for the current graphs (see graphsurgeon.export)."""
+        from .export import export_captured
+
+        return export_captured(self._current(), directory, **options)
