@@ -84,13 +84,19 @@ def _contains_proxy(value: Any) -> bool:
     return False
 
 
-def _find_leaks(model: torch.nn.Module) -> list[str]:
+def _find_leaks(model: torch.nn.Module, before: dict[int, dict[str, Any]]) -> list[str]:
+    """Module attributes left holding traced values; each is put back as it was (or removed)."""
     leaks = []
     for path, module in model.named_modules():
         for store in (vars(module), module._buffers, module._parameters):
-            for attribute, value in store.items():
+            for attribute, value in list(store.items()):
                 if _contains_proxy(value):
                     leaks.append(f"{path or '<root>'}.{attribute} ({type(module).__name__})")
+                    previous = before.get(id(module), {})
+                    if attribute in previous:
+                        store[attribute] = previous[attribute]
+                    else:
+                        del store[attribute]
     return leaks
 
 
@@ -138,13 +144,14 @@ def _trace_scale(plan: CapturePlan, spec: ScaleSpec, device: torch.device, state
         tracer.placeholder_values.update({slot.name: v for slot, v in zip(plan.state, state_values)})
     modules = [plan.model.get_submodule(slot.module) for slot in plan.state]
     originals = [getattr(module, slot.attribute, None) for slot, module in zip(plan.state, modules)]
+    before = {id(m): dict(vars(m)) for m in plan.model.modules()}
     try:
         with tracer.autocast_as_nodes():
             graph = tracer.trace(root)
     finally:
         for slot, module, value in zip(plan.state, modules, originals):
             _set_state(module, slot.attribute, value)
-    leaks = _find_leaks(plan.model)
+    leaks = _find_leaks(plan.model, before)
     if leaks:
         raise CaptureError(
             f"capture: scale {spec.index} left traced values in module attributes that the adapter does not declare "
