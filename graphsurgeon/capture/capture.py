@@ -26,6 +26,8 @@ class ScaleGraph:
     index: int
     grid: tuple[int, ...]
     tokens: int
+    token_input: str
+    token_axis: int
     module: torch.fx.GraphModule
     input_names: list[str]
     output_names: list[str]
@@ -39,6 +41,8 @@ class CapturedModel:
     state: list[StateSlot]
     report: CaptureReport
     plan: CapturePlan = field(repr=False)
+    example_values: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    """Real example values the adapter gave for inputs that must hold valid data (e.g. sequence offsets)."""
 
     def graph_modules(self) -> list[torch.fx.GraphModule]:
         return [scale.module for scale in self.scales]
@@ -192,11 +196,14 @@ def capture(plan: CapturePlan, device: Optional[torch.device] = None) -> Capture
             axes = propagate_token_axes(module.graph, spec.token_input, spec.token_axis, spec.tokens)
             n_state_in = len(plan.state) if spec.index != plan.scales[0].index else 0
             scales.append(ScaleGraph(
-                index=spec.index, grid=tuple(spec.grid), tokens=spec.tokens, module=module,
+                index=spec.index, grid=tuple(spec.grid), tokens=spec.tokens, token_input=spec.token_input,
+                token_axis=spec.token_axis, module=module,
                 input_names=list(spec.inputs), output_names=output_names[:len(output_names) - len(plan.state)],
                 state_inputs=names[len(names) - n_state_in:] if n_state_in else [],
                 state_outputs=[slot.name for slot in plan.state]))
             report.add_scale(ScaleReport.from_graph(spec, module, axes, time.perf_counter() - t0))
             report.record_leaves(module, tracer)
     report.seconds = time.perf_counter() - start
-    return CapturedModel(scales=scales, state=list(plan.state), report=report, plan=plan)
+    examples = {name: value for spec in plan.scales for name, value in spec.inputs.items()
+                if isinstance(value, torch.Tensor) and value.device.type != "meta"}
+    return CapturedModel(scales=scales, state=list(plan.state), report=report, plan=plan, example_values=examples)

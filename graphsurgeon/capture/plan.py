@@ -53,3 +53,5 @@ class CapturePlan:
     """Context entered around capture (e.g. switching the model's caching flags on)."""
     notes: list[str] = field(default_factory=list)
     """Adapter facts for the capture report (replaced kernels, specialisations)."""
+    export_decompositions: dict[Any, Callable] = field(default_factory=dict)
+    """Opaque op -> an equivalent in plain torch ops, substituted when exporting (e.g. to ONNX)."""

@@ -13,8 +13,18 @@ import torch
 
 from graphsurgeon.capture import CapturedModel, CapturePlan, ScaleSpec, StateSlot
 
+from .kernels import packed_cross_attention_reference
 from .sampler import GenerationOutput, generate, scale_blocks
 from .schedules import get_scale_schedule, identify_schedule
+
+
+def _packed_offsets(lens: list[int], cfg_on: bool) -> torch.Tensor:
+    """cu_seqlens of the packed text as the sampler builds it (conditional prompts, then unconditional)."""
+    rows = lens + lens if cfg_on else lens
+    offsets = [0]
+    for n in rows:
+        offsets.append(offsets[-1] + n)
+    return torch.tensor(offsets, dtype=torch.int32)
 
 
 def _module_paths(model: torch.nn.Module) -> dict[int, str]:
@@ -84,7 +94,7 @@ class InfinityAdapter:
             "cond_gss": torch.empty(rows, 1, 6, C, **meta),
             "cond_BD": torch.empty(rows, D, **meta),
             "text_kv": torch.empty(text_rows, D, **meta),
-            "text_cu_seqlens": torch.empty(rows + 1, dtype=torch.int32, **meta),
+            "text_cu_seqlens": _packed_offsets(lens, cfg_on),  # real values: export runs the graph on examples
             "rope_table": torch.empty(rope_table.shape, dtype=rope_table.dtype, **meta),
         }
         paths = _module_paths(model)
@@ -119,7 +129,9 @@ class InfinityAdapter:
                  "RoPE table is a graph input (rope_table); each attention slices its scale's positions from it",
                  "cross-attention to text is the custom op graphsurgeon_infinity::packed_cross_attention "
                  "(flash-attn on CUDA when installed)"]
-        return CapturePlan(model=model, scales=scales, state=state, prepare=caching_on, notes=notes)
+        return CapturePlan(model=model, scales=scales, state=state, prepare=caching_on, notes=notes,
+                           export_decompositions={torch.ops.graphsurgeon_infinity.packed_cross_attention.default:
+                                                  packed_cross_attention_reference})
 
     def graph_runner(self, model: Any, captured: CapturedModel, scale_schedule) -> GraphScaleRunner:
         return GraphScaleRunner(captured, model.rope2d_freqs_grid[str(tuple(tuple(int(v) for v in pn) for pn in scale_schedule))])

@@ -32,18 +32,26 @@ def packed_cross_attention(q: torch.Tensor, kv: torch.Tensor, cu_seqlens_k: torc
         out = _flash_varlen_kvpacked(q.reshape(-1, heads, head_dim), kv, cu_seqlens_q, cu_seqlens_k.to(torch.int32),
                                      q_len, max_seqlen_k, dropout_p=0.0, softmax_scale=scale)
         return out.reshape(batch, q_len, heads, head_dim)
-    lens = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
-    key_len = int(max_seqlen_k)
-    valid = torch.arange(key_len, device=q.device)[None, :] < lens[:, None]  # (B, Lk), packed order = row-major
-    padded = kv.new_zeros(batch, key_len, 2, heads, head_dim, dtype=torch.float32)
-    padded[valid] = kv.float()
-    k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, Lk, c)
-    mask = torch.zeros(batch, 1, 1, key_len, device=q.device).masked_fill(~valid[:, None, None, :], -torch.inf)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k, v, attn_mask=mask.expand(-1, -1, q_len, -1),
-                                         scale=scale)
-    return out.transpose(1, 2).to(q.dtype)
+    return packed_cross_attention_reference(q, kv, cu_seqlens_k, max_seqlen_k, scale)
 
 
 @packed_cross_attention.register_fake
 def _(q, kv, cu_seqlens_k, max_seqlen_k, scale):
     return torch.empty_like(q)
+
+
+def packed_cross_attention_reference(q: torch.Tensor, kv: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_k: int,
+                                     scale: float) -> torch.Tensor:
+    """The op in plain torch ops (static shapes, so it exports): pad each prompt's text to ``max_seqlen_k`` by a
+    gather, mask the padding with -inf, float32 SDPA, round to q's dtype. Padded keys get exactly zero weight."""
+    batch, q_len, heads, head_dim = q.shape
+    positions = torch.arange(int(max_seqlen_k), device=q.device)
+    starts, lens = cu_seqlens_k[:-1].long(), (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()
+    rows = (starts[:, None] + positions[None, :]).clamp(max=kv.shape[0] - 1)  # (B, Lk)
+    padded = kv.float()[rows]  # (B, Lk, 2, H, c)
+    k, v = padded.permute(2, 0, 3, 1, 4).unbind(0)
+    mask = torch.zeros(batch, 1, 1, int(max_seqlen_k), device=q.device).masked_fill(
+        (positions[None, :] >= lens[:, None])[:, None, None, :], -torch.inf)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2).float(), k, v, attn_mask=mask.expand(-1, -1, q_len, -1),
+                                         scale=scale)
+    return out.transpose(1, 2).to(q.dtype)
