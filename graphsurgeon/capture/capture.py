@@ -9,6 +9,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from ..meta import annotate
 from .plan import CapturePlan, ScaleSpec, StateSlot
@@ -164,8 +165,20 @@ def _trace_scale(plan: CapturePlan, spec: ScaleSpec, device: torch.device, state
     mutations = _state_mutations(graph)
     if mutations:
         raise CaptureError(f"capture: scale {spec.index} mutates model state: {'; '.join(mutations)}")
-    module = torch.fx.GraphModule(root, graph, class_name=f"Scale{spec.index}Step")
-    return module, names, root.output_keys, tracer
+    return _graph_module(root, graph, f"Scale{spec.index}Step"), names, root.output_keys, tracer
+
+
+def _graph_module(root: torch.nn.Module, graph: torch.fx.Graph, class_name: str) -> torch.fx.GraphModule:
+    """A GraphModule that holds the model itself as ``model`` (fx would copy every attribute path the graph
+    reads). Its Python code is generated on first use (``_LazyGraphModule``): ``check`` never needs it, and a
+    pass that rewrites the graph would regenerate it anyway."""
+    module = _LazyGraphModule(torch.nn.Module(), torch.fx.Graph(), class_name=class_name)
+    module.model = root.model
+    for node in graph.nodes:
+        if node.op == "get_attr" and not node.target.startswith("model."):
+            setattr(module, node.target, getattr(root, node.target))  # constants created while tracing
+    module.graph = graph
+    return module
 
 
 def capture(plan: CapturePlan, device: Optional[torch.device] = None) -> CapturedModel:

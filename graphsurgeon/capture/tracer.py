@@ -127,6 +127,7 @@ class ShapeTracer(torch.fx.Tracer):
         self._memo: dict[tuple, Any] = {}
         self._parameter_names: dict[int, str] = {}
         self._buffer_names: dict[int, str] = {}
+        self._module_signatures: dict[str, tuple] = {}
         self._leaf_forward: Optional[Callable] = None
 
     # -- proxies and values ---------------------------------------------------------------------------
@@ -224,14 +225,21 @@ class ShapeTracer(torch.fx.Tracer):
             return ("O", id(arg))
 
         if node.op == "call_module":
-            module = self.root.get_submodule(node.target)
-            owner: Any = (type(module), tuple((n, tuple(t.shape), t.dtype) for n, t in self._meta_state(module).items()),
-                          tuple(sorted((k, v) for k, v in vars(module).items() if isinstance(v, (int, float, bool, str)))))
+            owner: Any = self._module_signature(node.target)
         elif node.op in ("call_function", "call_method"):
             owner = node.target
         else:
             return None
         return (node.op, owner, describe(node.args), describe(node.kwargs))
+
+    def _module_signature(self, target: str) -> tuple:
+        """What a leaf module's output depends on besides its inputs: class, parameter shapes, settings."""
+        if target not in self._module_signatures:
+            module = self.root.get_submodule(target)
+            self._module_signatures[target] = (
+                type(module), tuple((n, tuple(t.shape), t.dtype) for n, t in self._meta_state(module).items()),
+                tuple(sorted((k, v) for k, v in vars(module).items() if isinstance(v, (int, float, bool, str)))))
+        return self._module_signatures[target]
 
     def _evaluate(self, node: torch.fx.Node) -> Any:
         args = map_aggregate(node.args, self._value_of)

@@ -13,6 +13,7 @@ import torch
 
 from graphsurgeon.capture import CapturedModel, CapturePlan, ScaleSpec, StateSlot
 
+from .builder import build_infinity
 from .kernels import packed_cross_attention_reference
 from .sampler import GenerationOutput, generate, scale_blocks
 from .schedules import get_scale_schedule, identify_schedule
@@ -59,6 +60,16 @@ class InfinityAdapter:
     """Adapter for Infinity-2B/8B."""
 
     name = "infinity"
+
+    def build_model(self, config: Any, device: str = "meta", seed: Optional[int] = None) -> torch.nn.Module:
+        """The reference model for a named config or config dict (``meta``: structure only, no weights)."""
+        return build_infinity(config, device=device, seed=seed)
+
+    def capture_args(self, model: Any, batch_size: int = 1, h_div_w: float = 1.0, pn: str = "1M",
+                     text_len: int = 8) -> dict[str, Any]:
+        """Generation arguments for capturing without real prompts (``check``, ``export``)."""
+        return self.default_capture_args(model, batch_size=batch_size, text_len=text_len,
+                                         schedule=get_scale_schedule(h_div_w, pn))
 
     def generate(self, model: Any, **kwargs: Any) -> GenerationOutput:
         """The baseline sampler (see :func:`model_adapters.infinity.sampler.generate`)."""
