@@ -8,8 +8,7 @@ import torch
 from .adapters import ModelAdapter, get_adapter
 from .emit import OptimizedModel
 from .errors import ConfigError
-
-KNOWN_PASSES: dict[str, Any] = {}  # filled by the passes package as passes are added
+from .passes import resolve_passes
 
 
 def optimize(model: torch.nn.Module, adapter: Union[str, ModelAdapter] = "infinity", passes: Sequence[str] = (),
@@ -21,11 +20,8 @@ def optimize(model: torch.nn.Module, adapter: Union[str, ModelAdapter] = "infini
     adapter = get_adapter(adapter) if isinstance(adapter, str) else adapter
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
-    unknown = [name for name in passes if name not in KNOWN_PASSES]
-    if unknown:
-        raise ConfigError(f"unknown pass(es) {unknown}; available: {sorted(KNOWN_PASSES) or 'none yet'}")
-    if config:
-        extra = sorted(set(config) - set(passes))
-        if extra:
-            raise ConfigError(f"config has settings for passes that are not enabled: {extra}")
-    return OptimizedModel(model, adapter, list(passes))
+    resolved = resolve_passes(list(passes), config)
+    if resolved:  # settings are validated above; running them needs the graph rewrites (in progress)
+        raise ConfigError(f"pass(es) {[p.name for p in resolved]}: settings are valid, but their graph rewrite is "
+                          "not implemented yet; optimize(..., passes=[]) runs the captured graphs unchanged")
+    return OptimizedModel(model, adapter, resolved)
