@@ -21,7 +21,7 @@ def optimize(model: torch.nn.Module, adapter: Union[str, ModelAdapter] = "infini
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
     resolved = resolve_passes(list(passes), config)
-    if resolved:  # settings are validated above; running them needs the graph rewrites (in progress)
-        raise ConfigError(f"pass(es) {[p.name for p in resolved]}: settings are valid, but their graph rewrite is "
-                          "not implemented yet; optimize(..., passes=[]) runs the captured graphs unchanged")
+    pending = [p.name for p in resolved if not hasattr(p, "apply")]
+    if pending:  # settings are validated above; running them needs their graph rewrite (in progress)
+        raise ConfigError(f"pass(es) {pending}: settings are valid, but their graph rewrite is not implemented yet")
     return OptimizedModel(model, adapter, resolved)

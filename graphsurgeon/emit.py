@@ -17,23 +17,40 @@ class OptimizedModel:
     lengths) captures a new set first; sets are cached.
     """
 
-    def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, passes: list[str]):
+    def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, passes: list):
         self.model, self.adapter, self.passes = model, adapter, passes
         self._captured: dict[Any, CapturedModel] = {}
+        self._edits: dict[Any, list[dict]] = {}
         self._last_key: Optional[Any] = None
+        self._runtimes: list = []
 
     def capture(self, **generate_kwargs: Any) -> CapturedModel:
         """The graph set for these generation arguments (captured on first use)."""
         key = self.adapter.capture_key(self.model, **generate_kwargs)
         if key not in self._captured:
-            self._captured[key] = capture(self.adapter.capture_plan(self.model, **generate_kwargs))
+            captured = capture(self.adapter.capture_plan(self.model, **generate_kwargs))
+            self._edits[key] = [edit for graph_pass in self.passes for edit in graph_pass.apply(captured)]
+            self._captured[key] = captured
         self._last_key = key
         return self._captured[key]
 
     def generate(self, **kwargs: Any):
         captured = self.capture(**kwargs)
-        runner = self.adapter.graph_runner(self.model, captured, kwargs["scale_schedule"])
+        self._runtimes = [p.runtime(captured) for p in self.passes if hasattr(p, "runtime")]
+        runner = self.adapter.graph_runner(self.model, captured, kwargs["scale_schedule"], self._runtimes)
         return self.adapter.generate(self.model, scale_runner=runner, **kwargs)
+
+    @property
+    def stats(self) -> dict[str, list[dict]]:
+        """What the passes did in the last ``generate``, per pass, per scale (and per sample inside)."""
+        return {p.name: runtime.stats for p, runtime in zip([p for p in self.passes if hasattr(p, "runtime")],
+                                                             self._runtimes)}
+
+    @property
+    def edits(self) -> list[dict]:
+        """The graph edits the passes made to the current graph set (nodes added, inputs rewired, …)."""
+        self._current()
+        return self._edits[self._last_key]
 
     def _current(self) -> CapturedModel:
         if self._last_key is None:

@@ -10,12 +10,17 @@ computed for any later scale; its guidance uses the conditional logits. Each sam
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 import torch
 from pydantic import Field
 
+from graphsurgeon.capture.dynamic import generalize_axis
+from graphsurgeon.capture.token_axes import propagate_axis
+from graphsurgeon.errors import ConfigError
+from graphsurgeon.meta import annotate, annotations
 from graphsurgeon.passes import GraphPass, PassConfig, register_pass
 
 
@@ -65,5 +70,168 @@ class SATSConfig(PassConfig):
 
 @register_pass
 class SATS(GraphPass):
+    """Inserts the CFG-branch guard at the entry of every scale from the first SATS scale on, and the
+    discrepancy at the exit of SATS scales; makes those graphs generic in their batch and text rows."""
+
     name: ClassVar[str] = "sats"
     Config: ClassVar[type[PassConfig]] = SATSConfig
+
+    def apply(self, captured) -> list[dict]:
+        batch = captured.plan.cfg_batch
+        if batch is None:
+            raise ConfigError("pass 'sats' needs classifier-free guidance on a doubled batch (cfg != 1)")
+        sats_scales = self.scales(len(captured.scales))
+        if not sats_scales:
+            return []
+        edits = []
+        for scale in captured.scales[min(sats_scales):]:
+            edits.append(_rewrite_scale(scale, batch, scale.index in sats_scales))
+        return edits
+
+    def runtime(self, captured) -> "SATSRuntime":
+        return SATSRuntime(captured.plan.cfg_batch, set(self.scales(len(captured.scales))), self.config)
+
+
+def _rewrite_scale(scale, batch: int, with_discrepancy: bool) -> dict:
+    module = scale.module
+    graph = module.graph
+    placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
+    if scale.packed_inputs is None or not scale.row_inputs:
+        raise ConfigError(f"pass 'sats': scale {scale.index} declares no per-row inputs / packed text to select")
+    rows = [placeholders[name] for name in scale.row_inputs]
+    packed = [placeholders[name] for name in scale.packed_inputs]
+    caches = [placeholders[name] for name in scale.state_inputs]
+    last = list(placeholders.values())[-1]
+    with graph.inserting_after(last):
+        stopped = graph.placeholder("sats_stopped")
+    with graph.inserting_after(stopped):
+        cache_rows = graph.placeholder("sats_cache_rows")
+    with graph.inserting_after(cache_rows):
+        guard = graph.call_function(cfg_branch_guard, (stopped, cache_rows, batch, tuple(rows), tuple(packed), tuple(caches)))
+    annotate(guard, **{"pass": "sats", "role": "cfg_branch_guard"})
+    outputs, previous = {}, guard
+    for i, original in enumerate(["active"] + rows + packed + caches):
+        with graph.inserting_after(previous):
+            item = graph.call_function(operator.getitem, (guard, i))
+        previous = item
+        if original != "active":
+            original.replace_all_uses_with(item, delete_user_cb=lambda user: user is not guard)
+            item.meta.update({k: v for k, v in original.meta.items() if k != "graphsurgeon"})
+            annotations(item).update(annotations(original))
+            outputs[original.name] = item
+        else:
+            active = item
+        annotate(item, **{"pass": "sats", "role": "guarded_input"})
+    tokens_rows = outputs[rows[0].name]
+    rows_extent = rows[0].meta["val"].shape[0]
+    propagate_axis(graph, tokens_rows, 0, rows_extent, key="row_axis")
+    changed = generalize_axis(module, tokens_rows, 0, rows_extent, key="row_axis", role="row_count")
+    text_values = outputs[packed[0].name]
+    text_extent = packed[0].meta["val"].shape[0]
+    propagate_axis(graph, text_values, 0, text_extent, key="text_row_axis")
+    changed += generalize_axis(module, text_values, 0, text_extent, key="text_row_axis", role="text_row_count")
+    _refuse_row_constants(module, rows_extent, scale.index)
+    output_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+    values = list(output_node.args[0])
+    n_state = len(scale.state_outputs)
+    extras, names = [active], ["sats_active_rows"]
+    if with_discrepancy:
+        with graph.inserting_before(output_node):
+            delta = graph.call_function(guard_discrepancy, (values[0], active, batch))
+        annotate(delta, **{"pass": "sats", "role": "branch_discrepancy"})
+        extras.append(delta)
+        names.append("sats_delta")
+    output_node.args = (tuple(values[:len(values) - n_state] + extras + values[len(values) - n_state:]),)
+    scale.output_names = scale.output_names + names
+    scale.input_names = scale.input_names + ["sats_stopped", "sats_cache_rows"]
+    graph.lint()
+    module.recompile()
+    return {"pass": "sats", "scale": scale.index, "added": [guard.name, *(n.name for n in extras)],
+            "rewired": [n.name for n in rows + packed + caches], "generalized": changed}
+
+
+def _refuse_row_constants(module, rows: int, scale_index: int) -> None:
+    for node in module.graph.nodes:
+        if node.op == "get_attr" and not node.target.startswith("model."):
+            value = node.meta.get("val")
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows:
+                raise ConfigError(f"pass 'sats': scale {scale_index} uses constant '{node.target}' of shape "
+                                  f"{tuple(value.shape)} made for {rows} batch rows; the guard cannot drop rows")
+
+
+class SATSRuntime:
+    """Carries the per-sample guard between scales of one ``generate`` and records what ran."""
+
+    def __init__(self, batch: int, sats_scales: set[int], config: SATSConfig):
+        self.batch, self.sats_scales, self.config = batch, sats_scales, config
+        self.guard = GuardState(batch)
+        self.active: Optional[torch.Tensor] = None
+        self.stats: list[dict] = []
+
+    def inputs(self, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        if "sats_stopped" not in names:
+            return {}
+        cache_rows = self.active if self.active is not None else torch.arange(2 * self.batch)
+        return {"sats_stopped": self.guard.stopped.to(device), "sats_cache_rows": cache_rows.to(device)}
+
+    def observe(self, scale: int, outputs: dict[str, torch.Tensor]) -> None:
+        active = outputs.get("sats_active_rows")
+        self.active = active.cpu() if active is not None else None
+        running = self.guard.stopped.logical_not()
+        uncond_ran = running.tolist() if active is not None else [True] * self.batch
+        record = {"scale": scale, "rows": int(active.numel()) if active is not None else 2 * self.batch,
+                  "uncond_ran": uncond_ran, "delta": None, "gamma": None}
+        if "sats_delta" in outputs:
+            self.guard.observe(scale, outputs["sats_delta"], running, self.config.delta, self.config.eps)
+            record["delta"], record["gamma"] = self.guard.history[-1]["delta"], self.guard.history[-1]["gamma"]
+        record["stopped_after"] = self.guard.stopped.tolist()
+        self.stats.append(record)
+
+    def mix(self, logits: torch.Tensor, batch: int, cfg: float) -> torch.Tensor:
+        active = self.active if self.active is not None else torch.arange(2 * batch)
+        return guided_mix(logits, active.to(logits.device), batch, cfg)
+
+
+# -- nodes the rewrite inserts ----------------------------------------------------------------------------
+def running_rows(stopped: torch.Tensor, batch: int) -> torch.Tensor:
+    """Rows that run: every conditional row, then the unconditional row of each sample still guided."""
+    conditional = torch.arange(batch, device=stopped.device)
+    return torch.cat([conditional, batch + (~stopped).nonzero().flatten()])
+
+
+def cfg_branch_guard(stopped: torch.Tensor, cache_rows: torch.Tensor, batch: int, rows: tuple, packed: tuple,
+                     caches: tuple) -> tuple:
+    """Select the running rows of every per-row input, the packed text and the caches (whose rows are
+    ``cache_rows``, the previous scale's running rows). Returns (running rows, *rows, *packed, *caches);
+    when every row runs, the inputs come back untouched."""
+    active = running_rows(stopped, batch)
+    if active.numel() == 2 * batch and cache_rows.numel() == 2 * batch:
+        return (active, *rows, *packed, *caches)
+    selected_rows = tuple(t.index_select(0, active) for t in rows)
+    values, offsets = packed
+    starts, ends = offsets[:-1].long(), offsets[1:].long()
+    segments = [torch.arange(int(starts[r]), int(ends[r]), device=values.device) for r in active.tolist()]
+    lens = (ends - starts).index_select(0, active)
+    new_offsets = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(offsets.dtype)
+    positions = (cache_rows[None, :] == active[:, None]).int().argmax(dim=1)
+    selected_caches = tuple(c.index_select(0, positions) for c in caches)
+    return (active, *selected_rows, values.index_select(0, torch.cat(segments)), new_offsets, *selected_caches)
+
+
+def guard_discrepancy(logits: torch.Tensor, active: torch.Tensor, batch: int) -> torch.Tensor:
+    """Delta per sample (B,) from the running rows' logits; NaN for samples whose unconditional row did not run."""
+    delta = torch.full((batch,), float("nan"), device=logits.device)
+    running = active[batch:] - batch
+    if running.numel():
+        delta[running] = branch_discrepancy(logits[:batch].index_select(0, running), logits[batch:]).to(delta.dtype)
+    return delta
+
+
+def guided_mix(logits: torch.Tensor, active: torch.Tensor, batch: int, cfg: float) -> torch.Tensor:
+    """CFG on the running rows: ``cfg*cond + (1-cfg)*uncond`` where both ran, the conditional logits elsewhere."""
+    if logits.shape[0] == 2 * batch:
+        return cfg * logits[:batch] + (1 - cfg) * logits[batch:]
+    mixed = logits[:batch].clone()
+    running = active[batch:] - batch
+    mixed[running] = cfg * logits[:batch].index_select(0, running) + (1 - cfg) * logits[batch:]
+    return mixed

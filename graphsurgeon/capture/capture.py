@@ -34,6 +34,8 @@ class ScaleGraph:
     output_names: list[str]
     state_inputs: list[str]
     state_outputs: list[str]
+    row_inputs: tuple[str, ...] = ()
+    packed_inputs: Optional[tuple[str, str]] = None
 
 
 @dataclass
@@ -213,7 +215,8 @@ def capture(plan: CapturePlan, device: Optional[torch.device] = None) -> Capture
                 token_axis=spec.token_axis, module=module,
                 input_names=list(spec.inputs), output_names=output_names[:len(output_names) - len(plan.state)],
                 state_inputs=names[len(names) - n_state_in:] if n_state_in else [],
-                state_outputs=[slot.name for slot in plan.state]))
+                state_outputs=[slot.name for slot in plan.state], row_inputs=tuple(spec.row_inputs),
+                packed_inputs=spec.packed_inputs))
             report.add_scale(ScaleReport.from_graph(spec, module, axes, time.perf_counter() - t0))
             report.record_leaves(module, tracer)
     report.seconds = time.perf_counter() - start

@@ -22,21 +22,31 @@ _RESHAPES = {"view", "reshape", "expand"}
 
 def generalize_token_count(module: torch.fx.GraphModule, token_input: str, token_axis: int, tokens: int) -> list[str]:
     """Rewrite ``module`` in place; returns the names of nodes whose token-count literal was replaced."""
+    placeholder = next(n for n in module.graph.nodes if n.op == "placeholder" and n.target == token_input)
+    return generalize_axis(module, placeholder, token_axis, tokens, key="token_axis", role="token_count")
+
+
+def generalize_axis(module: torch.fx.GraphModule, source: torch.fx.Node, axis: int, extent: int, key: str,
+                    role: str) -> list[str]:
+    """Replace literals equal to ``extent`` on the dimension annotated ``key`` by ``source.size(axis)``.
+
+    ``key`` names an axis annotation (``token_axis``, or one made by ``propagate_axis``); the size node is
+    inserted right after ``source`` (after the last input when ``source`` is one).
+    """
     graph = module.graph
-    placeholder = next(n for n in graph.nodes if n.op == "placeholder" and n.target == token_input)
-    last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(last_placeholder):
-        count = graph.call_method("size", (placeholder, token_axis))
-    annotations(count)["role"] = "token_count"
-    count.meta["val"] = tokens
+    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1] if source.op == "placeholder" else source
+    with graph.inserting_after(anchor):
+        count = graph.call_method("size", (source, axis))
+    annotations(count)["role"] = role
+    count.meta["val"] = extent
     changed = []
     for node in list(graph.nodes):
         if node is count:
             continue
         if node.op == "call_method" and node.target in _RESHAPES:
-            changed += _reshape(graph, node, count, tokens)
+            changed += _reshape(graph, node, count, extent, key)
         elif node.op == "call_function" and node.target in (operator.getitem, operator.setitem):
-            changed += _slice(graph, node, count, tokens)
+            changed += _slice(graph, node, count, extent, key)
     graph.lint()
     module.recompile()
     return changed
@@ -49,9 +59,9 @@ def _extent_expression(graph: torch.fx.Graph, node: torch.fx.Node, count: torch.
         return graph.call_function(operator.mul, (count, factor))
 
 
-def _reshape(graph: torch.fx.Graph, node: torch.fx.Node, count: torch.fx.Node, tokens: int) -> list[str]:
+def _reshape(graph: torch.fx.Graph, node: torch.fx.Node, count: torch.fx.Node, tokens: int, key: str) -> list[str]:
     info = annotations(node)
-    axis, merged = info.get("token_axis"), info.get("token_axis_merged")
+    axis, merged = info.get(key), info.get(f"{key}_merged")
     shape = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else list(node.args[1:])
     if isinstance(axis, int) and axis < len(shape) and shape[axis] == tokens:
         shape[axis] = count
@@ -65,7 +75,7 @@ def _reshape(graph: torch.fx.Graph, node: torch.fx.Node, count: torch.fx.Node, t
     return [node.name]
 
 
-def _slice(graph: torch.fx.Graph, node: torch.fx.Node, count: torch.fx.Node, tokens: int) -> list[str]:
+def _slice(graph: torch.fx.Graph, node: torch.fx.Node, count: torch.fx.Node, tokens: int, key: str) -> list[str]:
     """``x[..., a:a+n, ...]`` along the token axis of the result -> ``x[..., a:a+size, ...]``."""
     source, index = node.args[0], node.args[1]
     value = source.meta.get("val") if isinstance(source, torch.fx.Node) else None
@@ -73,7 +83,7 @@ def _slice(graph: torch.fx.Graph, node: torch.fx.Node, count: torch.fx.Node, tok
         return []
     items = list(index) if isinstance(index, tuple) else [index]
     mapping = _index_map(index, value.dim())
-    target_axis = annotations(node).get("token_axis") if node.target is operator.getitem else None
+    target_axis = annotations(node).get(key) if node.target is operator.getitem else None
     changed = False
     dims_seen = 0
     new_items = []
@@ -91,7 +101,7 @@ def _slice(graph: torch.fx.Graph, node: torch.fx.Node, count: torch.fx.Node, tok
             start = item.start or 0
             out_dim = mapping[in_dim] if in_dim < len(mapping) else None
             on_token_axis = (target_axis is not None and out_dim == target_axis) or (
-                node.target is operator.setitem and annotations(source).get("token_axis") == in_dim)
+                node.target is operator.setitem and annotations(source).get(key) == in_dim)
             if on_token_axis and item.stop - start == tokens:
                 stop = count if start == 0 else _offset(graph, node, count, start)
                 new_items.append(slice(item.start, stop, None))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 
@@ -19,6 +19,8 @@ class StateSlot:
     name: str
     module: str
     attribute: str
+    row_axis: Optional[int] = 0
+    """Dimension of the state that runs over the batch rows (None: not row-wise)."""
 
 
 @dataclass
@@ -33,6 +35,10 @@ class ScaleSpec:
     token_axis: int
     step: Callable[[torch.nn.Module, dict[str, Any]], dict[str, Any]]
     """``step(model, inputs) -> outputs``; outputs are named and become the graph's outputs, in order."""
+    row_inputs: tuple[str, ...] = ()
+    """Inputs whose first dimension runs over the batch rows (passes that drop rows select these)."""
+    packed_inputs: Optional[tuple[str, str]] = None
+    """(values, offsets) of a packed per-row input such as text: row r owns values[offsets[r]:offsets[r+1]]."""
 
     @property
     def tokens(self) -> int:
@@ -53,5 +59,7 @@ class CapturePlan:
     """Context entered around capture (e.g. switching the model's caching flags on)."""
     notes: list[str] = field(default_factory=list)
     """Adapter facts for the capture report (replaced kernels, specialisations)."""
+    cfg_batch: Optional[int] = None
+    """With classifier-free guidance on a doubled batch: B (rows [0:B] conditional, [B:2B] unconditional)."""
     export_decompositions: dict[Any, Callable] = field(default_factory=dict)
     """Opaque op -> an equivalent in plain torch ops, substituted when exporting (e.g. to ONNX)."""

@@ -278,3 +278,25 @@ def propagate_token_axes(graph: torch.fx.Graph, token_input: str, token_axis: in
             summary.annotated += 1
         _side_inputs(node, axes, summary)
     return summary
+
+
+def propagate_axis(graph: torch.fx.Graph, source: torch.fx.Node, axis: int, extent: int, key: str) -> int:
+    """Annotate ``key`` (and ``key + "_merged"``) on every node downstream of ``source``'s dimension ``axis``
+    (e.g. the batch rows of the token input, or the packed rows of a text input). Returns the count annotated."""
+    axes: dict[torch.fx.Node, Any] = {}
+    seen = False
+    annotated = 0
+    for node in graph.nodes:
+        if node is source:
+            axis_value, seen = axis, True
+        elif not seen or node.op in ("placeholder", "output"):
+            continue
+        else:
+            axis_value, _ = _infer(node, axes)
+        axes[node] = axis_value
+        info = annotations(node)
+        info[key] = axis_value if isinstance(axis_value, (int, list)) or axis_value is None else None
+        if isinstance(axis_value, Merged):
+            info[f"{key}_merged"] = (axis_value.dim, axis_value.extent)
+        annotated += isinstance(axis_value, (int, Merged))
+    return annotated

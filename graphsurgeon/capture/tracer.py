@@ -128,7 +128,6 @@ class ShapeTracer(torch.fx.Tracer):
         self._parameter_names: dict[int, str] = {}
         self._buffer_names: dict[int, str] = {}
         self._module_signatures: dict[str, tuple] = {}
-        self._leaf_forward: Optional[Callable] = None
 
     # -- proxies and values ---------------------------------------------------------------------------
     def proxy(self, node: torch.fx.Node) -> ShapeProxy:
@@ -162,10 +161,6 @@ class ShapeTracer(torch.fx.Tracer):
         if name not in parameter_proxy_cache:
             parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
         return parameter_proxy_cache[name]
-
-    def call_module(self, m: torch.nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        self._leaf_forward = forward  # the unpatched call, used to evaluate a leaf on example values
-        return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
@@ -260,7 +255,7 @@ class ShapeTracer(torch.fx.Tracer):
                 self._evaluating = True
                 try:
                     with torch.nn.utils.stateless._reparametrize_module(module, self._meta_state(module)):
-                        return self._leaf_forward(*args, **kwargs)
+                        return module.forward(*args, **kwargs)  # no hooks: user hooks never see example values
                 finally:
                     self._evaluating = False
         except CaptureError:

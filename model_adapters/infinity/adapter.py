@@ -15,7 +15,7 @@ from graphsurgeon.capture import CapturedModel, CapturePlan, ScaleSpec, StateSlo
 
 from .builder import build_infinity
 from .kernels import packed_cross_attention_reference
-from .sampler import GenerationOutput, generate, scale_blocks
+from .sampler import GenerationOutput, cfg_mix, generate, scale_blocks
 from .schedules import get_scale_schedule, identify_schedule
 
 
@@ -33,27 +33,43 @@ def _module_paths(model: torch.nn.Module) -> dict[int, str]:
 
 
 class GraphScaleRunner:
-    """Runs captured scale graphs in place of the eager transformer; the KV caches travel as graph values."""
+    """Runs captured scale graphs in place of the eager transformer; the KV caches travel as graph values.
 
-    def __init__(self, captured: CapturedModel, rope_table: torch.Tensor):
-        self.captured, self.rope_table = captured, rope_table
-        self.state: list[torch.Tensor] = []
+    Inputs and outputs are matched by name; inputs a pass added (and outputs it reads) go through that
+    pass's runtime, which may also take over the CFG mix (e.g. when some unconditional rows stopped).
+    """
+
+    def __init__(self, captured: CapturedModel, rope_table: torch.Tensor, runtimes: Sequence[Any] = ()):
+        self.captured, self.rope_table, self.runtimes = captured, rope_table, list(runtimes)
+        self.state: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> "GraphScaleRunner":
-        self.state = []
+        self.state = {}
         return self
 
     def __exit__(self, *exc) -> None:
-        self.state = []
+        self.state = {}
 
     def run(self, scale_ind: int, schedule, max_text_len: int, tokens, cond_gss, cond_BD, text_kv, text_cu_seqlens,
             rows: int) -> torch.Tensor:
         graph = self.captured.scales[scale_ind]
-        outputs = graph.module(tokens, cond_gss, cond_BD, text_kv, text_cu_seqlens, self.rope_table, *self.state)
-        n_state = len(graph.state_outputs)
-        self.state = list(outputs[len(outputs) - n_state:])
-        logits = outputs[0]
-        return logits if rows == logits.shape[0] else logits[:rows]
+        inputs = dict(tokens=tokens, cond_gss=cond_gss, cond_BD=cond_BD, text_kv=text_kv,
+                      text_cu_seqlens=text_cu_seqlens, rope_table=self.rope_table)
+        inputs.update({name: self.state[name] for name in graph.state_inputs})
+        for runtime in self.runtimes:
+            inputs.update(runtime.inputs(graph.input_names, tokens.device))
+        outputs = dict(zip(graph.output_names + graph.state_outputs, graph.module(**inputs)))
+        self.state = {name: outputs[name] for name in graph.state_outputs}
+        for runtime in self.runtimes:
+            runtime.observe(scale_ind, outputs)
+        logits = outputs["logits"]
+        return logits[:rows] if rows < logits.shape[0] else logits  # cfg == 1 at this scale: conditional rows
+
+    def mix(self, logits: torch.Tensor, batch: int, cfg: float) -> torch.Tensor:
+        for runtime in self.runtimes:
+            if hasattr(runtime, "mix"):
+                return runtime.mix(logits, batch, cfg)
+        return cfg_mix(logits, batch, cfg)
 
 
 class InfinityAdapter:
@@ -122,7 +138,8 @@ class InfinityAdapter:
             return step
 
         scales = [ScaleSpec(index=si, grid=(t, h, w), inputs={"tokens": torch.empty(rows, t * h * w, C, **meta), **common},
-                            token_input="tokens", token_axis=1, step=make_step(si))
+                            token_input="tokens", token_axis=1, step=make_step(si),
+                            row_inputs=("tokens", "cond_gss", "cond_BD"), packed_inputs=("text_kv", "text_cu_seqlens"))
                   for si, (t, h, w) in enumerate(schedule)]
 
         @contextlib.contextmanager
@@ -141,8 +158,10 @@ class InfinityAdapter:
                  "cross-attention to text is the custom op graphsurgeon_infinity::packed_cross_attention "
                  "(flash-attn on CUDA when installed)"]
         return CapturePlan(model=model, scales=scales, state=state, prepare=caching_on, notes=notes,
+                           cfg_batch=len(lens) if cfg_on else None,
                            export_decompositions={torch.ops.graphsurgeon_infinity.packed_cross_attention.default:
                                                   packed_cross_attention_reference})
 
-    def graph_runner(self, model: Any, captured: CapturedModel, scale_schedule) -> GraphScaleRunner:
-        return GraphScaleRunner(captured, model.rope2d_freqs_grid[str(tuple(tuple(int(v) for v in pn) for pn in scale_schedule))])
+    def graph_runner(self, model: Any, captured: CapturedModel, scale_schedule, runtimes: Sequence[Any] = ()) -> GraphScaleRunner:
+        key = str(tuple(tuple(int(v) for v in pn) for pn in scale_schedule))
+        return GraphScaleRunner(captured, model.rope2d_freqs_grid[key], runtimes)

@@ -80,6 +80,10 @@ class EagerScaleRunner:
     def __init__(self, model):
         self.model = model
 
+    @staticmethod
+    def mix(logits: torch.Tensor, batch: int, cfg: float) -> torch.Tensor:
+        return cfg_mix(logits, batch, cfg)
+
     def __enter__(self) -> "EagerScaleRunner":
         for block in self.model.unregistered_blocks:
             block.sa.kv_caching(True)
@@ -175,7 +179,8 @@ def generate(model, text: TextInput, scale_schedule, cfg: Union[float, Sequence[
 
     ``num_scales`` stops after that many scales (the official ``trunk_scale``); the codes summed so far are
     returned at the final grid. ``scale_runner`` replaces the eager transformer (graphsurgeon passes its
-    captured graphs here); it has ``run(...)`` as :class:`EagerScaleRunner` and is a context manager.
+    captured graphs here); it has ``run(...)`` and ``mix(...)`` as :class:`EagerScaleRunner` and is a context
+    manager.
     """
     identify_schedule(scale_schedule)
     schedule = [tuple(int(v) for v in pn) for pn in scale_schedule]
@@ -223,7 +228,7 @@ def generate(model, text: TextInput, scale_schedule, cfg: Union[float, Sequence[
             rows = bs if cfg_si != 1 else B
             logits = runner.run(si, schedule, max_len, last_stage, cond_gss, cond_BD, kv, cu, rows).mul(1 / tau_list[si])
             if cfg_si != 1:
-                logits = cfg_mix(logits, B, cfg_si)
+                logits = runner.mix(logits, B, cfg_si)
             if return_logits:
                 logits_out.append(logits)
             drawn = sample_bits(logits.reshape(B, -1, 2), top_k, top_p, rng).reshape(B, h, w, -1)
