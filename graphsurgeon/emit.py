@@ -29,7 +29,8 @@ class OptimizedModel:
         key = self.adapter.capture_key(self.model, **generate_kwargs)
         if key not in self._captured:
             captured = capture(self.adapter.capture_plan(self.model, **generate_kwargs))
-            self._edits[key] = [edit for graph_pass in self.passes for edit in graph_pass.apply(captured)]
+            ordered = sorted(self.passes, key=lambda p: getattr(p, "order", 0))
+            self._edits[key] = [edit for graph_pass in ordered for edit in graph_pass.apply(captured)]
             self._captured[key] = captured
         self._last_key = key
         return self._captured[key]

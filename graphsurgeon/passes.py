@@ -37,6 +37,8 @@ class GraphPass:
 
     name: ClassVar[str]
     Config: ClassVar[type[PassConfig]]
+    order: ClassVar[int] = 0
+    """Passes are applied in this order whatever order the user lists them in."""
 
     def __init__(self, config: PassConfig):
         self.config = config

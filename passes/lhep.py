@@ -24,6 +24,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+import operator
+
+from graphsurgeon.capture.dynamic import generalize_axis
+from graphsurgeon.capture.token_axes import propagate_axis
+from graphsurgeon.errors import ConfigError
+from graphsurgeon.meta import annotate, annotations
 from graphsurgeon.passes import GraphPass, PassConfig, register_pass
 
 _HAAR_HIGH = 0.5 * torch.tensor([
@@ -70,9 +76,276 @@ class LHEPConfig(PassConfig):
 
 @register_pass
 class LHEP(GraphPass):
+    """Gathers the kept tokens at the entry of each LHEP scale, masks padding in attention, scatters logits
+    back, and keeps R_{k-1} at skipped positions in the residual (see the module docstring)."""
+
     name: ClassVar[str] = "lhep"
     Config: ClassVar[type[PassConfig]] = LHEPConfig
+    order: ClassVar[int] = 1
 
     def mask(self, previous_residual: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Kept tokens (B, h*w) of a scale with token grid ``grid`` given R_{k-1} (B, C, h', w')."""
         return keep_mask(energy_map(previous_residual, grid).flatten(1), self.config.rho)
+
+    def apply(self, captured) -> list[dict]:
+        lhep_scales = self.scales(len(captured.scales))
+        if 0 in lhep_scales:
+            raise ConfigError("pass 'lhep' cannot act on scale 0: it has no previous residual to rank tokens by")
+        if not lhep_scales:
+            return []
+        first = min(lhep_scales)
+        tokens0 = captured.scales[0]
+        rows = next(n for n in tokens0.module.graph.nodes if n.op == "placeholder" and n.target == tokens0.token_input)
+        total_rows = rows.meta["val"].shape[0]
+        batch = captured.plan.cfg_batch or total_rows
+        edits = []
+        for scale in captured.scales[first:]:
+            edits.append(_rewrite_scale(scale, batch, total_rows, self.config.rho if scale.index in lhep_scales else None))
+        residual = captured.regions["residual"]
+        for graph in residual[first - 1:]:
+            edits.append(_rewrite_residual(graph, captured.scales[graph.index].grid, graph.index in lhep_scales))
+        return edits
+
+    def runtime(self, captured) -> "LHEPRuntime":
+        return LHEPRuntime(captured)
+
+
+def _nodes(graph: torch.fx.Graph) -> dict[str, torch.fx.Node]:
+    return {n.name: n for n in graph.nodes}
+
+
+def _tag(node: torch.fx.Node, role: str) -> torch.fx.Node:
+    annotate(node, **{"pass": "lhep", "role": role})
+    return node
+
+
+def _rewrite_scale(scale, batch: int, total_rows: int, rho: Optional[float]) -> dict:
+    module, graph = scale.module, scale.module.graph
+    nodes = _nodes(graph)
+    tokens = nodes[scale.aliases.get(scale.token_input, scale.token_input)]
+    active = nodes[scale.active_rows] if scale.active_rows else None
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        history = graph.placeholder("lhep_history")
+    added = [_tag(history, "kv_validity_input")]
+    scale.input_names = scale.input_names + ["lhep_history"]
+    anchor = tokens if tokens.op != "placeholder" else history
+    valid = index = keep = None
+    if rho is not None:
+        with graph.inserting_after(history):
+            previous = graph.placeholder("lhep_prev_codes")
+        scale.input_names = scale.input_names + ["lhep_prev_codes"]
+        anchor = tokens if tokens.op != "placeholder" else previous
+        grid = tuple(scale.grid[-2:])
+        with graph.inserting_after(anchor):
+            energy = _tag(graph.call_function(lhep_energy, (previous, grid)), "mask")
+        with graph.inserting_after(energy):
+            keep = _tag(graph.call_function(keep_mask, (energy, rho)), "mask")
+        with graph.inserting_after(keep):
+            selection = _tag(graph.call_function(select_tokens, (keep, active, batch, tokens)), "select")
+        with graph.inserting_after(selection):
+            index = _tag(graph.call_function(operator.getitem, (selection, 0)), "select")
+        with graph.inserting_after(index):
+            valid = _tag(graph.call_function(operator.getitem, (selection, 1)), "select")
+        with graph.inserting_after(valid):
+            gathered = _tag(graph.call_function(gather_tokens, (tokens, index, valid, scale.token_axis, 0)), "gather")
+        tokens.replace_all_uses_with(gathered, delete_user_cb=lambda user: user not in (selection, gathered))
+        gathered.meta.update({k: v for k, v in tokens.meta.items() if k != "graphsurgeon"})
+        annotations(gathered).update({k: v for k, v in annotations(tokens).items() if k.startswith(("token_axis", "row_axis"))})
+        added += [previous, energy, keep, selection, index, valid, gathered]
+        propagate_axis(graph, gathered, 0, total_rows if active is None else tokens.meta["val"].shape[0], key="row_axis")
+        nodes = _nodes(graph)
+        done = set()
+        for value_name, axis, meets in scale.side_values:
+            if value_name in done or value_name not in nodes:
+                continue
+            done.add(value_name)
+            value, meet = nodes[value_name], nodes[meets]
+            meet_row = annotations(meet).get("row_axis")
+            if not isinstance(meet_row, int):
+                raise ConfigError(f"pass 'lhep': scale {scale.index}: cannot tell the batch dimension where side input "
+                                  f"{value_name} meets the tokens ({meets})")
+            row_axis = meet_row - (meet.meta["val"].dim() - value.meta["val"].dim())
+            with graph.inserting_after(value):
+                side = _tag(graph.call_function(gather_tokens, (value, index, valid, axis, row_axis)), "gather_side_input")
+            value.replace_all_uses_with(side, delete_user_cb=lambda user: user is not side)
+            added.append(side)
+        changed = generalize_axis(module, gathered, scale.token_axis, scale.tokens, key="token_axis", role="kept_token_count")
+    else:
+        changed = []
+    attention = [n for n in graph.nodes if n.target is F.scaled_dot_product_attention]
+    if not attention:
+        raise ConfigError(f"pass 'lhep': scale {scale.index} has no scaled_dot_product_attention to mask")
+    first = attention[0]
+    key = first.args[1] if len(first.args) > 1 else first.kwargs["key"]
+    with graph.inserting_before(first):
+        mask = _tag(graph.call_function(attention_mask, (key, valid, history, active)), "attention_mask")
+    for node in attention:
+        node.kwargs = {**node.kwargs, "attn_mask": mask}
+    added.append(mask)
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    values = list(output.args[0])
+    logits = values[0]
+    with graph.inserting_before(output):
+        new_history = _tag(graph.call_function(extend_history, (history, valid, active, total_rows, key)), "kv_validity")
+        extras, names = [new_history], ["lhep_history_out"]
+        if index is not None:
+            full = _tag(graph.call_function(scatter_tokens, (logits, index, valid, scale.tokens)), "scatter_logits")
+            values[0] = full
+            extras.append(keep)
+            names.append("lhep_keep")
+            added.append(full)
+    added.append(new_history)
+    n_state = len(scale.state_outputs)
+    output.args = (tuple(values[:len(values) - n_state] + extras + values[len(values) - n_state:]),)
+    scale.output_names = scale.output_names + names
+    graph.lint()
+    module.recompile()
+    return {"pass": "lhep", "region": "scale", "scale": scale.index, "added": [n.name for n in added],
+            "generalized": changed, "rewired": [tokens.name] if index is not None else []}
+
+
+def _rewrite_residual(scale, grid: tuple, prune: bool) -> dict:
+    module, graph = scale.module, scale.module.graph
+    bits = next(n for n in graph.nodes if n.op == "placeholder" and n.target == "bits")
+    result, added = bits, []
+    if prune:
+        last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        with graph.inserting_after(last):
+            keep = _tag(graph.placeholder("lhep_keep"), "mask_input")
+        with graph.inserting_after(keep):
+            previous = _tag(graph.placeholder("lhep_prev_bits"), "residual_input")
+        with graph.inserting_after(previous):
+            result = _tag(graph.call_function(residual_scatter, (bits, keep, previous, tuple(grid[-2:]))), "scatter_residual")
+        bits.replace_all_uses_with(result, delete_user_cb=lambda user: user is not result)
+        scale.input_names = scale.input_names + ["lhep_keep", "lhep_prev_bits"]
+        added = [keep, previous, result]
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    output.args = (tuple(output.args[0]) + (result,),)
+    scale.output_names = scale.output_names + ["bits"]
+    graph.lint()
+    module.recompile()
+    return {"pass": "lhep", "region": "residual", "scale": scale.index, "added": [n.name for n in added],
+            "rewired": ["bits"] if prune else []}
+
+
+class LHEPRuntime:
+    """Carries R_{k-1}, the keep masks and the key-validity record between the graphs of one ``generate``."""
+
+    def __init__(self, captured):
+        self.tokens = [s.tokens for s in captured.scales]
+        self.previous_codes = self.previous_bits = self.keep = self.history = None
+        self.stats: list[dict] = []
+
+    def inputs(self, names: list[str], device: torch.device, region: str) -> dict:
+        offered = ({"lhep_prev_codes": self.previous_codes, "lhep_history": self.history} if region == "scale"
+                   else {"lhep_keep": self.keep, "lhep_prev_bits": self.previous_bits})
+        return {name: value for name, value in offered.items() if name in names}
+
+    def observe(self, scale: int, outputs: dict, region: str) -> None:
+        if region == "residual":
+            self.previous_codes, self.previous_bits = outputs["codes"], outputs.get("bits")
+            return
+        self.history = outputs.get("lhep_history_out", self.history)
+        self.keep = outputs.get("lhep_keep")
+        batch = outputs["logits"].shape[0]
+        kept = self.keep.sum(dim=1).tolist() if self.keep is not None else None
+        self.stats.append({"scale": scale, "tokens": self.tokens[scale], "kept": kept})
+
+
+# -- nodes the rewrite inserts ----------------------------------------------------------------------------
+def lhep_energy(previous_codes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, C, 1, h', w') codes of the previous scale -> (B, h*w) token energies on this scale's grid."""
+    return energy_map(previous_codes.flatten(1, 2) if previous_codes.dim() == 5 else previous_codes, grid).flatten(1)
+
+
+def select_tokens(keep: torch.Tensor, rows: Optional[torch.Tensor], batch: int, tokens: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the kept token positions (ascending), padded to the largest count, and their validity.
+
+    ``rows`` are the batch rows that run (row r belongs to sample r % batch: conditional rows first, then the
+    unconditional ones). Padding repeats skipped positions, so every row's index is part of a permutation.
+    """
+    rows = _rows(rows, tokens)
+    counts = keep.sum(dim=1)
+    width = int(counts.max())
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # kept first, in position order
+    samples = rows % batch
+    index = order[:, :width].index_select(0, samples)
+    valid = (torch.arange(width, device=keep.device)[None, :] < counts[:, None]).index_select(0, samples)
+    return index, valid
+
+
+def gather_tokens(value: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, axis: int, row_axis: int) -> torch.Tensor:
+    """Entries ``index`` (rows, K) of ``value`` along ``axis``, per row (``row_axis``; size 1 is broadcast;
+    a negative ``row_axis`` means the value has that many leading dimensions fewer than the rows' tensor)."""
+    if row_axis < 0:
+        value = value.reshape((1,) * -row_axis + tuple(value.shape))
+        axis, row_axis = axis - row_axis, 0
+    if index.shape[1] == value.shape[axis] and bool(valid.all()) and bool(
+            (index == torch.arange(index.shape[1], device=index.device)).all()):
+        return value  # nothing pruned: the graph computes exactly what it did before
+    shape = list(value.shape)
+    shape[row_axis] = index.shape[0]
+    value = value.expand(shape)
+    view = [1] * value.dim()
+    view[row_axis], view[axis] = index.shape[0], index.shape[1]
+    shape[axis] = index.shape[1]
+    return torch.gather(value, axis, index.reshape(view).expand(shape))
+
+
+def scatter_tokens(value: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, tokens: int) -> torch.Tensor:
+    """(rows, K, V) -> (rows, tokens, V): each row's valid entries back at their positions, zeros elsewhere
+    (padding is dropped, so a row's result does not depend on the other rows of the batch)."""
+    if value.shape[1] == tokens and bool(valid.all()) and bool((index == torch.arange(tokens, device=index.device)).all()):
+        return value
+    out = value.new_zeros(value.shape[0], tokens, *value.shape[2:])
+    kept = value.masked_fill(~valid.reshape(*valid.shape, *([1] * (value.dim() - 2))), 0)
+    return out.scatter(1, index.reshape(*index.shape, *([1] * (value.dim() - 2))).expand_as(value), kept)
+
+
+def _rows(rows: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return rows if rows is not None else torch.arange(like.shape[0], device=like.device)
+
+
+def attention_mask(key: torch.Tensor, valid: Optional[torch.Tensor], history: Optional[torch.Tensor],
+                   rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Additive key mask (rows, 1, 1, L) hiding padded tokens of this scale and skipped ones of earlier
+    scales; ``None`` (no mask) when every key is valid, so unpruned graphs stay exactly as captured."""
+    rows = _rows(rows, key)
+    length = key.shape[-2]
+    current = valid if valid is not None else torch.ones(key.shape[0], 0, dtype=torch.bool, device=key.device)
+    earlier = history.index_select(0, rows) if history is not None else torch.ones(
+        rows.numel(), length - current.shape[1], dtype=torch.bool, device=key.device)
+    allowed = torch.cat([earlier, current], dim=1)
+    if bool(allowed.all()):
+        return None
+    return torch.zeros(allowed.shape, device=key.device).masked_fill(~allowed, float("-inf"))[:, None, None, :]
+
+
+def extend_history(history: Optional[torch.Tensor], valid: Optional[torch.Tensor], rows: Optional[torch.Tensor],
+                   total_rows: int, key: torch.Tensor) -> torch.Tensor:
+    """The key-validity record over every batch row after this scale (rows that did not run count as valid),
+    as long as the KV cache (``key``'s length): earlier scales without a record count as valid."""
+    rows = _rows(rows, key)
+    length = key.shape[-2]
+    width = valid.shape[1] if valid is not None else length - (history.shape[1] if history is not None else 0)
+    if history is None:
+        history = torch.ones(total_rows, length - width, dtype=torch.bool, device=key.device)
+    new = torch.ones(total_rows, width, dtype=torch.bool, device=key.device)
+    if valid is not None:
+        new[rows] = valid
+    return torch.cat([history, new], dim=1)
+
+
+def residual_scatter(bits: torch.Tensor, keep: torch.Tensor, previous_bits: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Eq. 14: kept positions take this scale's bits, skipped ones the previous residual upsampled (nearest).
+
+    bits (B, 1, h', w', d) on the VAE grid; keep (B, h*w) on the token grid (h', w' may be 2x it: patchify)."""
+    if bool(keep.all()):
+        return bits
+    batch, _, height, width, depth = bits.shape
+    base = F.interpolate(previous_bits[:, 0].permute(0, 3, 1, 2).float(), size=(height, width), mode="nearest")
+    base = base.permute(0, 2, 3, 1).to(bits.dtype)[:, None]
+    mask = F.interpolate(keep.reshape(batch, 1, *grid).float(), size=(height, width), mode="nearest").bool()
+    return torch.where(mask.reshape(batch, 1, height, width, 1), bits, base)

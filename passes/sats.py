@@ -75,6 +75,7 @@ class SATS(GraphPass):
 
     name: ClassVar[str] = "sats"
     Config: ClassVar[type[PassConfig]] = SATSConfig
+    order: ClassVar[int] = 0  # before LHEP, which gathers from the rows the guard lets through
 
     def apply(self, captured) -> list[dict]:
         batch = captured.plan.cfg_batch
@@ -119,8 +120,10 @@ def _rewrite_scale(scale, batch: int, with_discrepancy: bool) -> dict:
             item.meta.update({k: v for k, v in original.meta.items() if k != "graphsurgeon"})
             annotations(item).update(annotations(original))
             outputs[original.name] = item
+            scale.aliases[original.target] = item.name
         else:
             active = item
+            scale.active_rows = item.name
         annotate(item, **{"pass": "sats", "role": "guarded_input"})
     tokens_rows = outputs[rows[0].name]
     rows_extent = rows[0].meta["val"].shape[0]
@@ -168,13 +171,15 @@ class SATSRuntime:
         self.active: Optional[torch.Tensor] = None
         self.stats: list[dict] = []
 
-    def inputs(self, names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        if "sats_stopped" not in names:
+    def inputs(self, names: list[str], device: torch.device, region: str) -> dict[str, torch.Tensor]:
+        if region != "scale" or "sats_stopped" not in names:
             return {}
         cache_rows = self.active if self.active is not None else torch.arange(2 * self.batch)
         return {"sats_stopped": self.guard.stopped.to(device), "sats_cache_rows": cache_rows.to(device)}
 
-    def observe(self, scale: int, outputs: dict[str, torch.Tensor]) -> None:
+    def observe(self, scale: int, outputs: dict[str, torch.Tensor], region: str) -> None:
+        if region != "scale":
+            return
         active = outputs.get("sats_active_rows")
         self.active = active.cpu() if active is not None else None
         running = self.guard.stopped.logical_not()

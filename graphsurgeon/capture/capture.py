@@ -27,8 +27,8 @@ class ScaleGraph:
     index: int
     grid: tuple[int, ...]
     tokens: int
-    token_input: str
-    token_axis: int
+    token_input: Optional[str]
+    token_axis: Optional[int]
     module: torch.fx.GraphModule
     input_names: list[str]
     output_names: list[str]
@@ -36,6 +36,12 @@ class ScaleGraph:
     state_outputs: list[str]
     row_inputs: tuple[str, ...] = ()
     packed_inputs: Optional[tuple[str, str]] = None
+    side_values: list[tuple[str, int, str]] = field(default_factory=list)
+    """(value, token axis, meeting node) for every per-token side value found by the token-axis analysis."""
+    aliases: dict[str, str] = field(default_factory=dict)
+    """Input name -> the node a pass put in its place (e.g. the guarded rows of an input)."""
+    active_rows: Optional[str] = None
+    """Node holding the batch rows that run, when a pass selects rows."""
 
 
 @dataclass
@@ -44,6 +50,8 @@ class CapturedModel:
     state: list[StateSlot]
     report: CaptureReport
     plan: CapturePlan = field(repr=False)
+    regions: dict[str, list[ScaleGraph]] = field(default_factory=dict)
+    """Further per-scale regions the adapter exposes (e.g. "residual"), by name, one graph per scale."""
     example_values: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     """Real example values the adapter gave for inputs that must hold valid data (e.g. sequence offsets)."""
 
@@ -142,21 +150,22 @@ def _state_mutations(graph: torch.fx.Graph) -> list[str]:
 
 
 def _trace_scale(plan: CapturePlan, spec: ScaleSpec, device: torch.device, state_values: Optional[list[Any]],
-                 memo: dict):
-    root, names = _make_root(plan.model, spec, plan.state, with_state_inputs=state_values is not None)
+                 memo: dict, state: Optional[list[StateSlot]] = None):
+    state = plan.state if state is None else state
+    root, names = _make_root(plan.model, spec, state, with_state_inputs=state_values is not None)
     tracer = ShapeTracer(device, plan.leaf_types, plan.leaf_functions)
     tracer.share_memo(memo)
     tracer.placeholder_values = {name: to_meta(value) for name, value in spec.inputs.items()}
     if state_values is not None:
-        tracer.placeholder_values.update({slot.name: v for slot, v in zip(plan.state, state_values)})
-    modules = [plan.model.get_submodule(slot.module) for slot in plan.state]
-    originals = [getattr(module, slot.attribute, None) for slot, module in zip(plan.state, modules)]
+        tracer.placeholder_values.update({slot.name: v for slot, v in zip(state, state_values)})
+    modules = [plan.model.get_submodule(slot.module) for slot in state]
+    originals = [getattr(module, slot.attribute, None) for slot, module in zip(state, modules)]
     before = {id(m): dict(vars(m)) for m in plan.model.modules()}
     try:
         with tracer.autocast_as_nodes():
             graph = tracer.trace(root)
     finally:
-        for slot, module, value in zip(plan.state, modules, originals):
+        for slot, module, value in zip(state, modules, originals):
             _set_state(module, slot.attribute, value)
     leaks = _find_leaks(plan.model, before)
     if leaks:
@@ -216,10 +225,25 @@ def capture(plan: CapturePlan, device: Optional[torch.device] = None) -> Capture
                 input_names=list(spec.inputs), output_names=output_names[:len(output_names) - len(plan.state)],
                 state_inputs=names[len(names) - n_state_in:] if n_state_in else [],
                 state_outputs=[slot.name for slot in plan.state], row_inputs=tuple(spec.row_inputs),
-                packed_inputs=spec.packed_inputs))
+                packed_inputs=spec.packed_inputs, side_values=list(axes.side_values)))
             report.add_scale(ScaleReport.from_graph(spec, module, axes, time.perf_counter() - t0))
             report.record_leaves(module, tracer)
+        regions = {name: [_capture_region(plan, spec, torch.device(device), memo) for spec in specs]
+                   for name, specs in plan.regions.items()}
     report.seconds = time.perf_counter() - start
     examples = {name: value for spec in plan.scales for name, value in spec.inputs.items()
                 if isinstance(value, torch.Tensor) and value.device.type != "meta"}
-    return CapturedModel(scales=scales, state=list(plan.state), report=report, plan=plan, example_values=examples)
+    return CapturedModel(scales=scales, state=list(plan.state), report=report, plan=plan, regions=regions,
+                         example_values=examples)
+
+
+def _capture_region(plan: CapturePlan, spec: ScaleSpec, device: torch.device, memo: dict) -> ScaleGraph:
+    module, names, outputs, _ = _trace_scale(plan, spec, device, None, memo, state=[])
+    for node in module.graph.nodes:
+        if node.op == "output":
+            for value, name in zip(node.args[0], outputs):
+                if isinstance(value, torch.fx.Node):
+                    annotate(value, output=name)
+    return ScaleGraph(index=spec.index, grid=tuple(spec.grid), tokens=spec.tokens, token_input=spec.token_input,
+                      token_axis=spec.token_axis, module=module, input_names=list(spec.inputs), output_names=outputs,
+                      state_inputs=[], state_outputs=[])

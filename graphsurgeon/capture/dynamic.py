@@ -41,8 +41,8 @@ def generalize_axis(module: torch.fx.GraphModule, source: torch.fx.Node, axis: i
     count.meta["val"] = extent
     changed = []
     for node in list(graph.nodes):
-        if node is count:
-            continue
+        if node is count or annotations(node).get("role") == "token_side_input":
+            continue  # side inputs keep the full extent; a pass that selects entries gathers after them
         if node.op == "call_method" and node.target in _RESHAPES:
             changed += _reshape(graph, node, count, extent, key)
         elif node.op == "call_function" and node.target in (operator.getitem, operator.setitem):

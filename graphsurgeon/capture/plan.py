@@ -31,8 +31,8 @@ class ScaleSpec:
     grid: tuple[int, ...]
     inputs: dict[str, Any]
     """Graph inputs in order, name -> example tensor (any device; only shapes and dtypes are used)."""
-    token_input: str
-    token_axis: int
+    token_input: Optional[str]
+    token_axis: Optional[int]
     step: Callable[[torch.nn.Module, dict[str, Any]], dict[str, Any]]
     """``step(model, inputs) -> outputs``; outputs are named and become the graph's outputs, in order."""
     row_inputs: tuple[str, ...] = ()
@@ -59,6 +59,8 @@ class CapturePlan:
     """Context entered around capture (e.g. switching the model's caching flags on)."""
     notes: list[str] = field(default_factory=list)
     """Adapter facts for the capture report (replaced kernels, specialisations)."""
+    regions: dict[str, list[ScaleSpec]] = field(default_factory=dict)
+    """Further per-scale regions (e.g. "residual": sampled bits -> codes -> next input), captured without state."""
     cfg_batch: Optional[int] = None
     """With classifier-free guidance on a doubled batch: B (rows [0:B] conditional, [B:2B] unconditional)."""
     export_decompositions: dict[Any, Callable] = field(default_factory=dict)

@@ -34,6 +34,8 @@ class TokenAxisSummary:
     annotated: int = 0
     unresolved: list[str] = field(default_factory=list)
     side_inputs: list[dict[str, Any]] = field(default_factory=list)
+    side_values: list[tuple[str, int, str]] = field(default_factory=list)
+    """Every (side value, its token axis, the node where it meets the token axis): what a gather must cover."""
     kv_appends: list[str] = field(default_factory=list)
 
 
@@ -211,6 +213,7 @@ def _side_inputs(node: torch.fx.Node, axes: dict, summary: TokenAxisSummary) -> 
             continue
         aligned = axis - (value.dim() - arg_value.dim())
         if 0 <= aligned < arg_value.dim() and arg_value.shape[aligned] == value.shape[axis] and value.shape[axis] > 1:
+            summary.side_values.append((arg.name, aligned, node.name))
             root = _trace_side_input(arg, aligned, axes)
             entry = {"meets": node.name, "value": arg.name, "axis": aligned, "root": root.name,
                      "root_source": _source_of(root)}

@@ -15,7 +15,7 @@ from graphsurgeon.capture import CapturedModel, CapturePlan, ScaleSpec, StateSlo
 
 from .builder import build_infinity
 from .kernels import packed_cross_attention_reference
-from .sampler import GenerationOutput, cfg_mix, generate, scale_blocks
+from .sampler import GenerationOutput, cfg_mix, generate, residual_step, scale_blocks
 from .schedules import get_scale_schedule, identify_schedule
 
 
@@ -57,13 +57,24 @@ class GraphScaleRunner:
                       text_cu_seqlens=text_cu_seqlens, rope_table=self.rope_table)
         inputs.update({name: self.state[name] for name in graph.state_inputs})
         for runtime in self.runtimes:
-            inputs.update(runtime.inputs(graph.input_names, tokens.device))
+            inputs.update(runtime.inputs(graph.input_names, tokens.device, region="scale"))
         outputs = dict(zip(graph.output_names + graph.state_outputs, graph.module(**inputs)))
         self.state = {name: outputs[name] for name in graph.state_outputs}
         for runtime in self.runtimes:
-            runtime.observe(scale_ind, outputs)
+            runtime.observe(scale_ind, outputs, region="scale")
         logits = outputs["logits"]
         return logits[:rows] if rows < logits.shape[0] else logits  # cfg == 1 at this scale: conditional rows
+
+    def residual(self, scale_ind: int, vae_schedule, n_run: int, bits, summed_codes, codebook_dim: int, patchify: bool,
+                 repeat: int) -> dict[str, torch.Tensor]:
+        graph = self.captured.regions["residual"][scale_ind]
+        inputs = {"bits": bits, "summed_codes": summed_codes}
+        for runtime in self.runtimes:
+            inputs.update(runtime.inputs(graph.input_names, bits.device, region="residual"))
+        outputs = dict(zip(graph.output_names, graph.module(**inputs)))
+        for runtime in self.runtimes:
+            runtime.observe(scale_ind, outputs, region="residual")
+        return outputs
 
     def mix(self, logits: torch.Tensor, batch: int, cfg: float) -> torch.Tensor:
         for runtime in self.runtimes:
@@ -92,11 +103,12 @@ class InfinityAdapter:
         return generate(model, **kwargs)
 
     # -- capture ------------------------------------------------------------------------------------------
-    def capture_key(self, model: Any, text, scale_schedule, cfg=3.0, **_: Any) -> tuple:
-        """What a captured graph set is specialised to: schedule, prompt lengths, CFG doubling, device."""
+    def capture_key(self, model: Any, text, scale_schedule, cfg=3.0, num_scales=None, **_: Any) -> tuple:
+        """What a captured graph set is specialised to: schedule, prompt lengths, CFG doubling, scales run, device."""
         lens = tuple(int(n) for n in text[1])
         cfg_on = any(c != 1 for c in ([cfg] if isinstance(cfg, (int, float)) else cfg))
-        return (tuple(tuple(int(v) for v in pn) for pn in scale_schedule), lens, cfg_on, str(model.pos_start.device))
+        return (tuple(tuple(int(v) for v in pn) for pn in scale_schedule), lens, cfg_on, num_scales,
+                str(model.pos_start.device))
 
     def default_capture_args(self, model: Any, batch_size: int = 1, text_len: int = 8,
                              schedule: Optional[Sequence] = None) -> dict[str, Any]:
@@ -106,7 +118,7 @@ class InfinityAdapter:
         cu = torch.tensor([0] + [text_len * (i + 1) for i in range(batch_size)], dtype=torch.int32, device=kv.device)
         return dict(text=(kv, lens, cu, text_len), scale_schedule=list(schedule or get_scale_schedule(1.0, "1M")), cfg=3.0)
 
-    def capture_plan(self, model: Any, text, scale_schedule, cfg=3.0, **_: Any) -> CapturePlan:
+    def capture_plan(self, model: Any, text, scale_schedule, cfg=3.0, num_scales=None, **_: Any) -> CapturePlan:
         identify_schedule(scale_schedule)
         schedule = [tuple(int(v) for v in pn) for pn in scale_schedule]
         lens = [int(n) for n in text[1]]
@@ -142,6 +154,23 @@ class InfinityAdapter:
                             row_inputs=("tokens", "cond_gss", "cond_BD"), packed_inputs=("text_kv", "text_cu_seqlens"))
                   for si, (t, h, w) in enumerate(schedule)]
 
+        patchify = bool(model.apply_spatial_patchify)
+        codebook_dim = model.d_vae // 4 if patchify else model.d_vae
+        vae_schedule = [(t, 2 * h, 2 * w) for t, h, w in schedule] if patchify else schedule
+        n_run = num_scales or len(schedule)
+        batch = len(lens)
+
+        def make_residual(si: int):
+            def step(m, inputs):
+                return residual_step(m, si, vae_schedule, n_run, inputs["bits"], inputs["summed_codes"], codebook_dim,
+                                     patchify, rows // batch)
+            return step
+
+        residual = [ScaleSpec(index=si, grid=(t, h, w), token_input=None, token_axis=None, step=make_residual(si),
+                              inputs={"bits": torch.empty(batch, 1, *vae_schedule[si][1:], codebook_dim, dtype=torch.uint8, **meta),
+                                      "summed_codes": torch.empty(batch, codebook_dim, *vae_schedule[-1], **meta)})
+                    for si, (t, h, w) in enumerate(schedule[:n_run])]
+
         @contextlib.contextmanager
         def caching_on():
             for block in model.unregistered_blocks:
@@ -158,7 +187,7 @@ class InfinityAdapter:
                  "cross-attention to text is the custom op graphsurgeon_infinity::packed_cross_attention "
                  "(flash-attn on CUDA when installed)"]
         return CapturePlan(model=model, scales=scales, state=state, prepare=caching_on, notes=notes,
-                           cfg_batch=len(lens) if cfg_on else None,
+                           cfg_batch=len(lens) if cfg_on else None, regions={"residual": residual},
                            export_decompositions={torch.ops.graphsurgeon_infinity.packed_cross_attention.default:
                                                   packed_cross_attention_reference})
 

@@ -74,6 +74,26 @@ def scale_blocks(model, scale_ind: int, schedule, max_text_len: int, tokens: tor
     return x
 
 
+def residual_step(model, scale_ind: int, vae_schedule, n_run: int, bits: torch.Tensor, summed_codes: torch.Tensor,
+                  codebook_dim: int, patchify: bool, repeat: int) -> dict[str, torch.Tensor]:
+    """A scale's bits -> its codes (R_k), the updated sum of codes, and the next scale's input tokens.
+
+    The second region graphsurgeon captures per scale (LHEP's scatter lives here).
+    """
+    codes = bits_to_codes(bits, codebook_dim)
+    if scale_ind == len(vae_schedule) - 1:
+        return {"codes": codes, "summed_codes": summed_codes + codes}
+    summed_codes = summed_codes + F.interpolate(codes, size=vae_schedule[-1], mode="trilinear")
+    if scale_ind == n_run - 1:
+        return {"codes": codes, "summed_codes": summed_codes}
+    nxt = F.interpolate(summed_codes, size=vae_schedule[scale_ind + 1], mode="trilinear").squeeze(-3)
+    if patchify:
+        nxt = F.pixel_unshuffle(nxt, 2)
+    nxt = nxt.reshape(*nxt.shape[:2], -1).permute(0, 2, 1)
+    return {"codes": codes, "summed_codes": summed_codes,
+            "next_tokens": model.word_embed(model.norm0_ve(nxt)).repeat(repeat, 1, 1)}
+
+
 class EagerScaleRunner:
     """Runs a scale on the model itself; its attention modules keep the KV caches between scales."""
 
@@ -83,6 +103,11 @@ class EagerScaleRunner:
     @staticmethod
     def mix(logits: torch.Tensor, batch: int, cfg: float) -> torch.Tensor:
         return cfg_mix(logits, batch, cfg)
+
+    def residual(self, scale_ind: int, vae_schedule, n_run: int, bits, summed_codes, codebook_dim: int, patchify: bool,
+                 repeat: int) -> dict[str, torch.Tensor]:
+        return residual_step(self.model, scale_ind, vae_schedule, n_run, bits, summed_codes, codebook_dim, patchify,
+                             repeat)
 
     def __enter__(self) -> "EagerScaleRunner":
         for block in self.model.unregistered_blocks:
@@ -221,7 +246,7 @@ def generate(model, text: TextInput, scale_schedule, cfg: Union[float, Sequence[
 
     bits_out: list[torch.Tensor] = []
     logits_out: list[torch.Tensor] = []
-    summed_codes: Union[int, torch.Tensor] = 0
+    summed_codes = torch.zeros(B, codebook_dim, *vae_schedule[-1], device=device)
     with scale_runner or EagerScaleRunner(model) as runner:
         for si, (_, h, w) in enumerate(schedule[:n_run]):
             cfg_si = cfg_list[si]
@@ -235,17 +260,8 @@ def generate(model, text: TextInput, scale_schedule, cfg: Union[float, Sequence[
             if patchify:  # (B, h, w, 4d) -> (B, 2h, 2w, d)
                 drawn = F.pixel_shuffle(drawn.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
             bits = forced[si] if si < len(forced) else drawn.unsqueeze(1).to(torch.uint8)
-            bits_out.append(bits)
-            codes = bits_to_codes(bits, codebook_dim)
-            if si == n_scales - 1:
-                summed_codes = summed_codes + codes
-                break
-            summed_codes = summed_codes + F.interpolate(codes, size=vae_schedule[-1], mode="trilinear")
-            if si == n_run - 1:
-                break
-            nxt = F.interpolate(summed_codes, size=vae_schedule[si + 1], mode="trilinear").squeeze(-3)
-            if patchify:
-                nxt = F.pixel_unshuffle(nxt, 2)
-            nxt = nxt.reshape(*nxt.shape[:2], -1).permute(0, 2, 1)
-            last_stage = model.word_embed(model.norm0_ve(nxt)).repeat(bs // B, 1, 1)
+            result = runner.residual(si, vae_schedule, n_run, bits, summed_codes, codebook_dim, patchify, bs // B)
+            bits_out.append(result.get("bits", bits))  # a pass may replace bits (LHEP keeps R_{k-1} where it skips)
+            summed_codes = result["summed_codes"]
+            last_stage = result.get("next_tokens")
     return GenerationOutput(bits=bits_out, summed_codes=summed_codes, logits=logits_out if return_logits else None)
