@@ -20,8 +20,4 @@ def optimize(model: torch.nn.Module, adapter: Union[str, ModelAdapter] = "infini
     adapter = get_adapter(adapter) if isinstance(adapter, str) else adapter
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
-    resolved = resolve_passes(list(passes), config)
-    pending = [p.name for p in resolved if not hasattr(p, "apply")]
-    if pending:  # settings are validated above; running them needs their graph rewrite (in progress)
-        raise ConfigError(f"pass(es) {pending}: settings are valid, but their graph rewrite is not implemented yet")
-    return OptimizedModel(model, adapter, resolved)
+    return OptimizedModel(model, adapter, resolve_passes(list(passes), config))

@@ -170,7 +170,8 @@ def _rewrite_scale(scale, batch: int, total_rows: int, rho: Optional[float]) -> 
                 side = _tag(graph.call_function(gather_tokens, (value, index, valid, axis, row_axis)), "gather_side_input")
             value.replace_all_uses_with(side, delete_user_cb=lambda user: user is not side)
             added.append(side)
-        changed = generalize_axis(module, gathered, scale.token_axis, scale.tokens, key="token_axis", role="kept_token_count")
+        changed = generalize_axis(module, gathered, scale.token_axis, scale.tokens, key="token_axis",
+                                  role="kept_token_count", keep_roles=("token_side_input",))  # gathered after the slice
     else:
         changed = []
     attention = [n for n in graph.nodes if n.target is F.scaled_dot_product_attention]

@@ -48,8 +48,9 @@ def test_optimize_validates_settings_before_any_work():
     model = build_infinity("infinity-tiny", device="meta")
     with pytest.raises(ConfigError, match="lhep.rho"):
         optimize(model, passes=["lhep"], config={"lhep": {"rho": 2}})
-    with pytest.raises(ConfigError, match="not implemented yet"):  # valid settings, rewrite still missing
-        optimize(model, passes=["lhep", "sats"])
+    fast = optimize(model, passes=["lhep", "sats"], config={"sats": {"delta": 0.1}})
+    assert [p.name for p in fast.passes] == ["lhep", "sats"] and fast.passes[1].config.delta == 0.1
+    assert fast._captured == {}  # settings are checked at optimize(); capture waits for the first generate
 
 
 def test_haar_energy_of_a_known_patch():

@@ -27,11 +27,12 @@ def generalize_token_count(module: torch.fx.GraphModule, token_input: str, token
 
 
 def generalize_axis(module: torch.fx.GraphModule, source: torch.fx.Node, axis: int, extent: int, key: str,
-                    role: str) -> list[str]:
+                    role: str, keep_roles: tuple[str, ...] = ()) -> list[str]:
     """Replace literals equal to ``extent`` on the dimension annotated ``key`` by ``source.size(axis)``.
 
     ``key`` names an axis annotation (``token_axis``, or one made by ``propagate_axis``); the size node is
-    inserted right after ``source`` (after the last input when ``source`` is one).
+    inserted right after ``source`` (after the last input when ``source`` is one). Nodes whose role is in
+    ``keep_roles`` keep their literals (e.g. side inputs that a pass gathers from at full extent).
     """
     graph = module.graph
     anchor = [n for n in graph.nodes if n.op == "placeholder"][-1] if source.op == "placeholder" else source
@@ -41,8 +42,8 @@ def generalize_axis(module: torch.fx.GraphModule, source: torch.fx.Node, axis: i
     count.meta["val"] = extent
     changed = []
     for node in list(graph.nodes):
-        if node is count or annotations(node).get("role") == "token_side_input":
-            continue  # side inputs keep the full extent; a pass that selects entries gathers after them
+        if node is count or annotations(node).get("role") in keep_roles:
+            continue
         if node.op == "call_method" and node.target in _RESHAPES:
             changed += _reshape(graph, node, count, extent, key)
         elif node.op == "call_function" and node.target in (operator.getitem, operator.setitem):
