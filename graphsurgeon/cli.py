@@ -1,4 +1,4 @@
-"""Command line: ``graphsurgeon check`` (what capture finds) and ``graphsurgeon export``."""
+"""Command line: ``graphsurgeon check`` (what capture finds), ``export`` and ``diff`` (what the passes changed)."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +52,29 @@ def export(args) -> int:
     return 0
 
 
+def diff(args) -> int:
+    import torch
+
+    from .api import optimize
+    from .flops import measure_flops
+
+    adapter = get_adapter(args.adapter)
+    model = adapter.build_model(args.config, device="cpu", seed=0)
+    capture_args = adapter.capture_args(model, batch_size=args.batch_size, h_div_w=args.h_div_w, pn=args.pn)
+    kv, lens, cu, max_len = capture_args["text"]
+    text = (torch.randn(kv.shape, generator=torch.Generator().manual_seed(1)), lens, cu, max_len)
+    fast = optimize(model, adapter=adapter, passes=[p for p in args.passes.split(",") if p])
+    generate_kwargs = dict(text=text, scale_schedule=capture_args["scale_schedule"], cfg=3.0, tau=0.5, top_k=900,
+                           top_p=0.97, seed=1234)
+    if args.flops:
+        measure_flops(fast, **generate_kwargs)
+    else:
+        fast.generate(**generate_kwargs)
+    path = fast.report.write(args.out)
+    print(f"graphsurgeon diff: {args.config} (random weights and text), passes {args.passes}: report written to {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="graphsurgeon", description="Model surgery for next-scale-prediction models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +87,12 @@ def main(argv=None) -> int:
     export_parser.add_argument("--out", required=True, help="output directory")
     export_parser.add_argument("--onnx-scale", type=int, default=-1, help="scale exported to ONNX (default: last)")
     export_parser.set_defaults(run=export)
+    diff_parser = commands.add_parser("diff", help="run the passes and write the graph diff report (.html/.md/.json)")
+    _common(diff_parser)
+    diff_parser.add_argument("--passes", default="lhep,sats", help="comma-separated pass names")
+    diff_parser.add_argument("--out", required=True, help="report file: .html, .md or .json")
+    diff_parser.add_argument("--flops", action="store_true", help="also measure FLOPs (runs the baseline too)")
+    diff_parser.set_defaults(run=diff)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -7,6 +7,7 @@ import torch
 
 from .adapters import ModelAdapter
 from .capture import CapturedModel, CaptureReport, capture
+from .report import snapshot
 
 
 class OptimizedModel:
@@ -21,14 +22,20 @@ class OptimizedModel:
         self.model, self.adapter, self.passes = model, adapter, passes
         self._captured: dict[Any, CapturedModel] = {}
         self._edits: dict[Any, list[dict]] = {}
+        self._snapshots: dict[Any, dict] = {}
         self._last_key: Optional[Any] = None
         self._runtimes: list = []
+        self.extra_runtimes: list = []  # observers that change nothing (e.g. a FLOP counter)
+        self.last_flops: Optional[dict] = None
 
     def capture(self, **generate_kwargs: Any) -> CapturedModel:
         """The graph set for these generation arguments (captured on first use)."""
         key = self.adapter.capture_key(self.model, **generate_kwargs)
         if key not in self._captured:
             captured = capture(self.adapter.capture_plan(self.model, **generate_kwargs))
+            self._snapshots[key] = {("scale", s.index): snapshot(s.module) for s in captured.scales}
+            self._snapshots[key].update({(name, g.index): snapshot(g.module)
+                                         for name, graphs in captured.regions.items() for g in graphs})
             ordered = sorted(self.passes, key=lambda p: getattr(p, "order", 0))
             self._edits[key] = [edit for graph_pass in ordered for edit in graph_pass.apply(captured)]
             self._captured[key] = captured
@@ -38,7 +45,8 @@ class OptimizedModel:
     def generate(self, **kwargs: Any):
         captured = self.capture(**kwargs)
         self._runtimes = [p.runtime(captured) for p in self.passes if hasattr(p, "runtime")]
-        runner = self.adapter.graph_runner(self.model, captured, kwargs["scale_schedule"], self._runtimes)
+        runner = self.adapter.graph_runner(self.model, captured, kwargs["scale_schedule"],
+                                           self._runtimes + self.extra_runtimes)
         return self.adapter.generate(self.model, scale_runner=runner, **kwargs)
 
     @property
@@ -46,6 +54,14 @@ class OptimizedModel:
         """What the passes did in the last ``generate``, per pass, per scale (and per sample inside)."""
         return {p.name: runtime.stats for p, runtime in zip([p for p in self.passes if hasattr(p, "runtime")],
                                                              self._runtimes)}
+
+    @property
+    def report(self):
+        """The graph diff report of the current graphs (``.markdown()``, ``.html()``, ``.json()``, ``.write(path)``),
+        with the last generation's stats and the last :func:`graphsurgeon.flops.measure_flops` figures."""
+        from .report import DiffReport, build_report
+
+        return DiffReport(build_report(self, self.last_flops))
 
     @property
     def edits(self) -> list[dict]:

@@ -133,7 +133,7 @@ def _rewrite_scale(scale, batch: int, total_rows: int, rho: Optional[float]) -> 
     valid = index = keep = None
     if rho is not None:
         with graph.inserting_after(history):
-            previous = graph.placeholder("lhep_prev_codes")
+            previous = _tag(graph.placeholder("lhep_prev_codes"), "residual_input")
         scale.input_names = scale.input_names + ["lhep_prev_codes"]
         anchor = tokens if tokens.op != "placeholder" else previous
         grid = tuple(scale.grid[-2:])

@@ -105,8 +105,10 @@ def _rewrite_scale(scale, batch: int, with_discrepancy: bool) -> dict:
     last = list(placeholders.values())[-1]
     with graph.inserting_after(last):
         stopped = graph.placeholder("sats_stopped")
+    annotate(stopped, **{"pass": "sats", "role": "guard_input"})
     with graph.inserting_after(stopped):
         cache_rows = graph.placeholder("sats_cache_rows")
+    annotate(cache_rows, **{"pass": "sats", "role": "guard_input"})
     with graph.inserting_after(cache_rows):
         guard = graph.call_function(cfg_branch_guard, (stopped, cache_rows, batch, tuple(rows), tuple(packed), tuple(caches)))
     annotate(guard, **{"pass": "sats", "role": "cfg_branch_guard"})

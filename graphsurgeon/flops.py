@@ -1,0 +1,81 @@
+"""FLOPs of an optimized generation, per scale, measured with torch's FLOP counter.
+
+``measure_flops(fast, **generate_kwargs)`` runs ``fast.generate`` with a counter around every graph call and,
+beside it, the same model optimized with no passes (whose graphs compute exactly the baseline), then reports
+per scale: baseline FLOPs, optimized FLOPs, and the ideal (baseline FLOPs scaled by the fraction of token-rows
+actually needed: all skipped tokens and rows free, no padding, no overhead).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Optional
+
+from torch.utils.flop_counter import FlopCounterMode
+
+
+class FlopCounterRuntime:
+    """A pass runtime that only counts: it opens a FLOP counter before each graph call and closes it after."""
+
+    def __init__(self) -> None:
+        self.flops: dict[tuple[int, str], int] = defaultdict(int)
+        self._counter: Optional[FlopCounterMode] = None
+
+    def inputs(self, names, device, region: str) -> dict:
+        self._counter = FlopCounterMode(display=False)
+        self._counter.__enter__()
+        return {}
+
+    def observe(self, scale: int, outputs: dict, region: str) -> None:
+        self._counter.__exit__(None, None, None)
+        self.flops[(scale, region)] += self._counter.get_total_flops()
+        self._counter = None
+
+    def per_scale(self) -> list[int]:
+        scales = sorted({scale for scale, _ in self.flops})
+        return [sum(v for (s, _), v in self.flops.items() if s == scale) for scale in scales]
+
+
+def _token_rows(fast, scales: int, rows: int, tokens: list[int]) -> list[int]:
+    """Token-rows each scale needed: kept tokens per sample (LHEP) times the rows that ran (SATS)."""
+    stats = fast.stats
+    lhep = {s["scale"]: s["kept"] for s in stats.get("lhep", [])}
+    sats = {s["scale"]: s["uncond_ran"] for s in stats.get("sats", [])}
+    needed = []
+    batch = rows // 2 if "sats" in stats or rows % 2 == 0 else rows
+    for scale in range(scales):
+        kept = lhep.get(scale) or [tokens[scale]] * batch
+        uncond = sats.get(scale)
+        if uncond is None:
+            per_sample_rows = [rows // batch] * batch
+        else:
+            per_sample_rows = [1 + int(u) for u in uncond]
+        needed.append(sum(k * r for k, r in zip(kept, per_sample_rows)))
+    return needed
+
+
+def measure_flops(fast, **generate_kwargs: Any) -> dict[str, Any]:
+    """Per-scale and total FLOPs of ``fast.generate(**generate_kwargs)`` vs the baseline and the ideal."""
+    from .emit import OptimizedModel
+
+    baseline = OptimizedModel(fast.model, fast.adapter, [])
+    counter = FlopCounterRuntime()
+    baseline.extra_runtimes = [counter]
+    baseline.generate(**generate_kwargs)
+    base = counter.per_scale()
+    counter = FlopCounterRuntime()
+    fast.extra_runtimes = [counter]
+    try:
+        fast.generate(**generate_kwargs)
+    finally:
+        fast.extra_runtimes = []
+    optimized = counter.per_scale()
+    captured = fast._current()
+    tokens = [s.tokens for s in captured.scales]
+    rows = next(n for n in captured.scales[0].module.graph.nodes if n.op == "placeholder").meta["val"].shape[0]
+    needed = _token_rows(fast, len(base), rows, tokens)
+    ideal = [round(b * n / (rows * t)) for b, n, t in zip(base, needed, tokens)]
+    fast.last_flops = {"baseline": base, "optimized": optimized, "ideal": ideal,
+                       "total": {"baseline": sum(base), "optimized": sum(optimized), "ideal": sum(ideal)},
+                       "ratio": {"optimized_vs_baseline": sum(optimized) / sum(base),
+                                 "ideal_vs_baseline": sum(ideal) / sum(base)}}
+    return fast.last_flops
