@@ -122,7 +122,7 @@ def test_guard_nodes_are_named_and_tagged(tiny):
     modules = fast.graph_modules()
     for index, module in enumerate(modules):
         roles = {annotations(n).get("role") for n in module.graph.nodes if annotations(n).get("pass") == "sats"}
-        assert roles == (set() if index < 6 else {"cfg_branch_guard", "guarded_input", "branch_discrepancy"})
+        assert roles == (set() if index < 6 else {"guard_input", "cfg_branch_guard", "guarded_input", "branch_discrepancy"})
     assert "cfg_branch_guard = passes_sats_cfg_branch_guard(sats_stopped, sats_cache_rows, 3," in modules[6].code
     assert {e["scale"] for e in fast.edits} == {6, 7, 8, 9}
 
