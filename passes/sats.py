@@ -135,7 +135,7 @@ def _rewrite_scale(scale, batch: int, with_discrepancy: bool) -> dict:
     text_extent = packed[0].meta["val"].shape[0]
     propagate_axis(graph, text_values, 0, text_extent, key="text_row_axis")
     changed += generalize_axis(module, text_values, 0, text_extent, key="text_row_axis", role="text_row_count")
-    _refuse_row_constants(module, rows_extent, scale.index)
+    selected = _select_row_constants(module, rows_extent, active, scale.index)
     output_node = next(n for n in reversed(graph.nodes) if n.op == "output")
     values = list(output_node.args[0])
     n_state = len(scale.state_outputs)
@@ -151,17 +151,32 @@ def _rewrite_scale(scale, batch: int, with_discrepancy: bool) -> dict:
     scale.input_names = scale.input_names + ["sats_stopped", "sats_cache_rows"]
     graph.lint()
     module.recompile()
-    return {"pass": "sats", "scale": scale.index, "added": [guard.name, *(n.name for n in extras)],
+    return {"pass": "sats", "scale": scale.index, "added": [guard.name, *(n.name for n in extras), *selected],
             "rewired": [n.name for n in rows + packed + caches], "generalized": changed}
 
 
-def _refuse_row_constants(module, rows: int, scale_index: int) -> None:
-    for node in module.graph.nodes:
-        if node.op == "get_attr" and not node.target.startswith("model."):
-            value = node.meta.get("val")
-            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows:
-                raise ConfigError(f"pass 'sats': scale {scale_index} uses constant '{node.target}' of shape "
-                                  f"{tuple(value.shape)} made for {rows} batch rows; the guard cannot drop rows")
+def _select_row_constants(module, rows: int, active: torch.fx.Node, scale_index: int) -> list[str]:
+    """Constants made for the full batch (e.g. a per-token index built with ``torch.ones((rows, n))``) get the
+    running rows selected like any per-row input; any other constant sized by the batch is refused."""
+    selected = []
+    for node in list(module.graph.nodes):
+        if node.op != "get_attr" or node.target.startswith("model."):
+            continue
+        value = node.meta.get("val")
+        if not (isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == rows):
+            continue
+        feeds_side_input = all(annotations(user).get("role") == "token_side_input" for user in node.users)
+        if annotations(node).get("role") != "token_side_input" and not feeds_side_input:
+            raise ConfigError(f"pass 'sats': scale {scale_index} uses constant '{node.target}' of shape "
+                              f"{tuple(value.shape)} made for {rows} batch rows; the guard cannot drop its rows")
+        with module.graph.inserting_after(node):
+            picked = module.graph.call_method("index_select", (node, 0, active))
+        node.replace_all_uses_with(picked, delete_user_cb=lambda user: user is not picked)
+        picked.meta.update({k: v for k, v in node.meta.items() if k != "graphsurgeon"})
+        annotations(picked).update(annotations(node))
+        annotate(picked, **{"pass": "sats", "role": "guarded_constant"})
+        selected.append(picked.name)
+    return selected
 
 
 class SATSRuntime:

@@ -66,3 +66,24 @@ def test_official_capture_finds_state_and_side_inputs(pair):
     roots = {entry["root_source"] for entry in report.scales[3].side_inputs}
     assert roots == {"placeholder:rope_table", "get_attr:_tensor_constant0"}  # RoPE slices, per-token level embedding
     assert report.wrapped  # flash-attn's packed attention became one custom-op node
+
+
+def test_ld_pruning_on_the_official_class(pair):
+    """The passes rewrite the official graphs too: nothing pruned is bit-identical; pruned matches ours."""
+    ours, official = pair
+    kwargs = dict(text=random_text([5, 9, 3], 256), scale_schedule=SCHEDULE, cfg=3.0, tau=0.5, top_k=900, top_p=0.97,
+                  seed=5, return_logits=True)
+    baseline = get_adapter("infinity").generate(official, **kwargs)
+    nothing = optimize(official, passes=["sats", "lhep"], config={"sats": {"delta": 0.0}, "lhep": {"rho": 1.0}})
+    unpruned = nothing.generate(**kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(baseline.logits, unpruned.logits))
+    assert torch.equal(baseline.summed_codes, unpruned.summed_codes)
+    settings = {"sats": {"delta": 0.06}}
+    fast_official, fast_ours = optimize(official, passes=["sats", "lhep"], config=settings), optimize(
+        ours, passes=["sats", "lhep"], config=settings)
+    a, b = fast_official.generate(**kwargs), fast_ours.generate(**kwargs)
+    decisions = lambda stats: ([(s["rows"], s["stopped_after"]) for s in stats["sats"]],  # noqa: E731
+                               [s["kept"] for s in stats["lhep"]])
+    assert decisions(fast_official.stats) == decisions(fast_ours.stats)
+    assert any(s["rows"] < 6 for s in fast_official.stats["sats"])  # some unconditional rows did stop
+    assert max(((x - y).norm() / y.norm().clamp_min(1e-9)).item() for x, y in zip(a.logits, b.logits)) <= 5e-4

@@ -87,27 +87,28 @@ def _index_map(index: Any, in_rank: int) -> list[Optional[int]]:
 
 @dataclass(frozen=True)
 class Merged:
-    """The token axis folded into a larger dimension (e.g. batch x tokens), tokens varying fastest in it."""
+    """The axis folded into a larger dimension ``dim`` (e.g. batch x tokens): consecutive indices of the axis are
+    ``stride`` apart inside that dimension (1: it varies fastest, as tokens do in batch x tokens)."""
 
     dim: int
     extent: int
+    stride: int = 1
 
 
 def _reshape_axis(src_shape: torch.Size, axis: Any, out_shape: torch.Size, extent: int) -> Any:
-    """Where the token axis lands after a reshape: the dim whose inner elements equal the token axis's."""
-    dim = axis.dim if isinstance(axis, Merged) else axis
-    inner = 1
+    """Where the axis lands after a reshape, found by the element distance between its consecutive indices."""
+    dim, stride = (axis.dim, axis.stride) if isinstance(axis, Merged) else (axis, 1)
+    inner = stride
     for e in src_shape[dim + 1:]:
         inner *= e
     for j in range(len(out_shape)):
         out_inner = 1
         for e in out_shape[j + 1:]:
             out_inner *= e
-        if out_inner == inner:
-            if out_shape[j] == extent:
-                return j
-            if out_shape[j] % extent == 0:
-                return Merged(j, extent)
+        if out_inner == inner and out_shape[j] == extent:
+            return j
+        if inner % out_inner == 0 and (out_shape[j] * out_inner) % (inner * extent) == 0:
+            return Merged(j, extent, inner // out_inner)
     return None
 
 
@@ -201,31 +202,40 @@ def _infer(node: torch.fx.Node, axes: dict[torch.fx.Node, Any]) -> tuple[Any, Op
     return (candidates[0], "guessed") if len(candidates) == 1 else (None, "lost")
 
 
-def _side_inputs(node: torch.fx.Node, axes: dict, summary: TokenAxisSummary) -> None:
-    """Inputs without a token axis that broadcast against it one entry per token."""
+def _side_inputs(node: torch.fx.Node, axes: dict, summary: TokenAxisSummary, origin: dict) -> None:
+    """Inputs that broadcast against the token axis one entry per token without coming from the token input:
+    values with no token axis of their own, or values derived from a side input already found."""
     axis = axes.get(node)
     value = node.meta.get("val")
     if not isinstance(axis, int) or not isinstance(value, torch.Tensor) or node.op not in ("call_function", "call_method"):
         return
+    if origin.get(node) != "token":
+        return
     for arg in node.all_input_nodes:
         arg_value = arg.meta.get("val")
-        if axes.get(arg) is not None or not isinstance(arg_value, torch.Tensor) or arg_value.dim() == 0:
+        if not isinstance(arg_value, torch.Tensor) or arg_value.dim() == 0:
+            continue
+        if origin.get(arg) == "side":
+            summary.side_values.append((arg.name, axes[arg], node.name))
+            continue
+        if axes.get(arg) is not None:
             continue
         aligned = axis - (value.dim() - arg_value.dim())
         if 0 <= aligned < arg_value.dim() and arg_value.shape[aligned] == value.shape[axis] and value.shape[axis] > 1:
             summary.side_values.append((arg.name, aligned, node.name))
-            root = _trace_side_input(arg, aligned, axes)
+            root = _trace_side_input(arg, aligned, axes, origin)
             entry = {"meets": node.name, "value": arg.name, "axis": aligned, "root": root.name,
                      "root_source": _source_of(root)}
             if entry["root"] not in {e["root"] for e in summary.side_inputs}:
                 summary.side_inputs.append(entry)
 
 
-def _trace_side_input(node: torch.fx.Node, axis: int, axes: dict) -> torch.fx.Node:
+def _trace_side_input(node: torch.fx.Node, axis: int, axes: dict, origin: dict) -> torch.fx.Node:
     """Walk back from a per-token side value to the node that cuts it from a larger tensor."""
     while True:
         annotate(node, token_axis=axis, role="token_side_input")
         axes[node] = axis
+        origin[node] = "side"
         name = _name(node)
         parent = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
         parent_value = parent.meta.get("val") if parent is not None else None
@@ -256,21 +266,27 @@ def propagate_token_axes(graph: torch.fx.Graph, token_input: str, token_axis: in
     """Annotate every node of ``graph``; ``overrides`` (node name -> axis) lets an adapter correct the result."""
     summary = TokenAxisSummary(tokens=tokens)
     axes: dict[torch.fx.Node, Any] = {}
+    origin: dict[torch.fx.Node, str] = {}  # where a node's token axis comes from: the token input or a side input
     overrides = overrides or {}
     for node in graph.nodes:
         if node.op == "placeholder":
             axis, note = (token_axis if node.target == token_input else None), None
+            if axis is not None:
+                origin[node] = "token"
         elif node.op == "output":
             continue
         else:
             axis, note = _infer(node, axes)
+            carriers = [a for a in node.all_input_nodes if a in origin]
+            if carriers:
+                origin[node] = "token" if any(origin[a] == "token" for a in carriers) else "side"
         if node.name in overrides:
             axis, note = overrides[node.name], "adapter"
         axes[node] = axis
         info = annotations(node)
         info["token_axis"] = axis if isinstance(axis, (int, list)) or axis is None else None
         if isinstance(axis, Merged):
-            info["token_axis_merged"] = (axis.dim, axis.extent)
+            info["token_axis_merged"] = (axis.dim, axis.extent, axis.stride)
         if note == "kv_append":
             info["kv_axis"] = _norm(_dim_arg(node, 1, 0), node.meta["val"].dim())
             info["role"] = "kv_cache_append"
@@ -279,7 +295,7 @@ def propagate_token_axes(graph: torch.fx.Graph, token_input: str, token_axis: in
             summary.unresolved.append(f"{node.name} ({note})")
         if isinstance(axis, (int, Merged)):
             summary.annotated += 1
-        _side_inputs(node, axes, summary)
+        _side_inputs(node, axes, summary, origin)
     return summary
 
 
@@ -300,6 +316,6 @@ def propagate_axis(graph: torch.fx.Graph, source: torch.fx.Node, axis: int, exte
         info = annotations(node)
         info[key] = axis_value if isinstance(axis_value, (int, list)) or axis_value is None else None
         if isinstance(axis_value, Merged):
-            info[f"{key}_merged"] = (axis_value.dim, axis_value.extent)
+            info[f"{key}_merged"] = (axis_value.dim, axis_value.extent, axis_value.stride)
         annotated += isinstance(axis_value, (int, Merged))
     return annotated

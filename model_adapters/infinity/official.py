@@ -32,10 +32,10 @@ from .kernels import packed_cross_attention
 
 def _flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                      softmax_scale=None, **_):
-    batch = cu_seqlens_q.shape[0] - 1
     heads, head_dim = q.shape[-2:]
     scale = softmax_scale if softmax_scale is not None else head_dim ** -0.5
-    out = packed_cross_attention(q.reshape(batch, max_seqlen_q, heads, head_dim), kv, cu_seqlens_k, int(max_seqlen_k), scale)
+    # rows from q itself (-1), not from cu_seqlens_q: a pass that drops batch rows keeps this reshape valid
+    out = packed_cross_attention(q.reshape(-1, max_seqlen_q, heads, head_dim), kv, cu_seqlens_k, int(max_seqlen_k), scale)
     return out.reshape(-1, heads, head_dim)
 
 
