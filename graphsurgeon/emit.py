@@ -51,9 +51,14 @@ class OptimizedModel:
 
     @property
     def stats(self) -> dict[str, list[dict]]:
-        """What the passes did in the last ``generate``, per pass, per scale (and per sample inside)."""
-        return {p.name: runtime.stats for p, runtime in zip([p for p in self.passes if hasattr(p, "runtime")],
-                                                             self._runtimes)}
+        """What the last ``generate`` ran: per pass (raw), and ``summary``: per scale and per sample the tokens
+        computed, whether the unconditional half ran, Delta/gamma of the CFG guard, and the estimated cost
+        against the baseline (token-rows computed / the baseline's; measured FLOPs after ``measure_flops``)."""
+        per_pass = {p.name: runtime.stats for p, runtime in zip([p for p in self.passes if hasattr(p, "runtime")],
+                                                                 self._runtimes)}
+        if self._last_key is not None and self._runtimes:
+            per_pass["summary"] = _summary(self._captured[self._last_key], per_pass, self.last_flops)
+        return per_pass
 
     @property
     def report(self):
@@ -87,3 +92,27 @@ class OptimizedModel:
         from .export import export_captured
 
         return export_captured(self._current(), directory, **options)
+
+
+def _summary(captured: CapturedModel, per_pass: dict[str, list[dict]], flops: Optional[dict]) -> list[dict]:
+    lhep = {s["scale"]: s["kept"] for s in per_pass.get("lhep", [])}
+    sats = {s["scale"]: s for s in per_pass.get("sats", [])}
+    batch = captured.plan.cfg_batch
+    rows = next(n for n in captured.scales[0].module.graph.nodes if n.op == "placeholder").meta["val"].shape[0]
+    samples = batch or rows
+    summary = []
+    for scale in captured.scales:
+        kept = lhep.get(scale.index) or [scale.tokens] * samples
+        guard = sats.get(scale.index, {})
+        uncond = guard.get("uncond_ran", [batch is not None] * samples)
+        per_sample = [{"tokens_computed": k, "uncond_ran": bool(u),
+                       "delta": (guard.get("delta") or [None] * samples)[i],
+                       "gamma": (guard.get("gamma") or [None] * samples)[i]} for i, (k, u) in enumerate(zip(kept, uncond))]
+        computed = sum(k * (1 + int(u)) for k, u in zip(kept, uncond)) if batch else sum(kept)
+        entry = {"scale": scale.index, "tokens": scale.tokens, "samples": per_sample,
+                 "token_rows": computed, "token_rows_baseline": scale.tokens * rows,
+                 "work_vs_baseline": computed / (scale.tokens * rows)}
+        if flops:
+            entry["flops"], entry["flops_baseline"] = flops["optimized"][scale.index], flops["baseline"][scale.index]
+        summary.append(entry)
+    return summary

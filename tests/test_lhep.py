@@ -99,6 +99,20 @@ def test_with_sats_only_conditional_rows_run_after_the_stop(tiny):
     assert [r[1] for r in rows[7:]] == widest  # LHEP gathers from the rows the guard let through
 
 
+def test_stats_summary_per_scale_and_sample(tiny):
+    fast = optimize(tiny, passes=["lhep", "sats"], config={"sats": {"delta": 10.0}})
+    fast.generate(**kwargs())
+    summary = fast.stats["summary"]
+    assert [s["scale"] for s in summary] == list(range(10))
+    assert summary[5]["work_vs_baseline"] == 1.0 and summary[5]["samples"][0]["uncond_ran"]
+    last = summary[9]
+    kept = fast.stats["lhep"][9]["kept"]
+    assert [s["tokens_computed"] for s in last["samples"]] == kept
+    assert not any(s["uncond_ran"] for s in last["samples"])  # SATS stopped every sample at scale 7
+    assert last["token_rows"] == sum(kept) and last["work_vs_baseline"] == sum(kept) / (1024 * 6)
+    assert summary[7]["samples"][0]["gamma"] is not None
+
+
 def test_inserted_nodes_are_tagged(tiny):
     fast = optimize(tiny, passes=["lhep"])
     fast.capture(**{k: v for k, v in kwargs().items() if k in ("text", "scale_schedule", "cfg")})
