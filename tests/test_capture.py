@@ -12,7 +12,7 @@ from graphsurgeon.meta import annotations
 from model_adapters.infinity import build_infinity, get_scale_schedule
 from model_adapters.infinity.model import SelfAttention
 
-from .helpers import random_text
+from .helpers import outputs_equal, random_text
 
 SCHEDULE = get_scale_schedule(1.0, "0.25M")  # 10 scales, up to 32x32
 
@@ -20,11 +20,6 @@ SCHEDULE = get_scale_schedule(1.0, "0.25M")  # 10 scales, up to 32x32
 @pytest.fixture(scope="module")
 def tiny():
     return build_infinity("infinity-tiny", seed=0)
-
-
-def outputs_equal(a, b) -> bool:
-    return (all(torch.equal(x, y) for x, y in zip(a.bits, b.bits)) and torch.equal(a.summed_codes, b.summed_codes)
-            and all(torch.equal(x, y) for x, y in zip(a.logits, b.logits)))
 
 
 @pytest.mark.parametrize("lens", [[7], [5, 9, 3]], ids=["batch1", "batch3"])

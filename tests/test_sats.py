@@ -10,7 +10,7 @@ from model_adapters.infinity import build_infinity, get_scale_schedule, set_text
 from model_adapters.infinity.adapter import GraphScaleRunner
 from passes.sats import cfg_branch_guard, guard_discrepancy, guided_mix
 
-from .helpers import random_text, slice_text
+from .helpers import generate_kwargs, outputs_equal, random_text, slice_text
 
 SCHEDULE = get_scale_schedule(1.0, "0.25M")  # 10 scales: SATS on 6-9 by default
 
@@ -23,19 +23,13 @@ def tiny():
 
 
 def kwargs(lens=(5, 9, 3), **extra):
-    return dict(dict(text=random_text(list(lens), 256), scale_schedule=SCHEDULE, cfg=3.0, tau=0.5, top_k=900,
-                     top_p=0.97, seed=5, return_logits=True), **extra)
-
-
-def same(a, b) -> bool:
-    return (all(torch.equal(x, y) for x, y in zip(a.bits, b.bits)) and torch.equal(a.summed_codes, b.summed_codes)
-            and all(torch.equal(x, y) for x, y in zip(a.logits, b.logits)))
+    return generate_kwargs(SCHEDULE, lens, **extra)
 
 
 def test_never_stopping_is_bit_identical(tiny):
     baseline = get_adapter("infinity").generate(tiny, **kwargs())
     fast = optimize(tiny, passes=["sats"], config={"sats": {"delta": 0.0}})
-    assert same(fast.generate(**kwargs()), baseline)
+    assert outputs_equal(fast.generate(**kwargs()), baseline)
     assert [r["rows"] for r in fast.stats["sats"]] == [6] * 10
 
 
