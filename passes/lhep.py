@@ -249,7 +249,6 @@ class LHEPRuntime:
             return
         self.history = outputs.get("lhep_history_out", self.history)
         self.keep = outputs.get("lhep_keep")
-        batch = outputs["logits"].shape[0]
         kept = self.keep.sum(dim=1).tolist() if self.keep is not None else None
         self.stats.append({"scale": scale, "tokens": self.tokens[scale], "kept": kept})
 

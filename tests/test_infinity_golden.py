@@ -8,7 +8,6 @@ row/column-swapped or unshifted positions all stay near 5e-4), so the golden can
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 import model_adapters.infinity.model as infinity_model

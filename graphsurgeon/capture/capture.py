@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 

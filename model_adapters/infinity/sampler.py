@@ -239,7 +239,6 @@ def generate(model, text: TextInput, scale_schedule, cfg: Union[float, Sequence[
     kv = model.text_norm(kv)
     sos = cond_BD = model.text_proj_for_sos((kv, cu, max_len))
     kv = model.text_proj_for_ca(kv)
-    ca_kv = (kv, cu, max_len)
     last_stage = sos.unsqueeze(1).expand(bs, 1, -1) + model.pos_start.expand(bs, 1, -1)
     with torch.autocast("cuda", enabled=False):
         cond_gss = model.shared_ada_lin(cond_BD.float()).float().contiguous()
