@@ -76,7 +76,7 @@ class OptimizedModel:
 
     def _current(self) -> CapturedModel:
         if self._last_key is None:
-            self.capture(**self.adapter.default_capture_args(self.model))
+            self.capture(**self.adapter.capture_args(self.model))
         return self._captured[self._last_key]
 
     def graph_modules(self) -> list[torch.fx.GraphModule]:

@@ -35,24 +35,6 @@ class FlopCounterRuntime:
         return [sum(v for (s, _), v in self.flops.items() if s == scale) for scale in scales]
 
 
-def _token_rows(fast, scales: int, rows: int, tokens: list[int]) -> list[int]:
-    """Token-rows each scale needed: kept tokens per sample (LHEP) times the rows that ran (SATS)."""
-    stats = fast.stats
-    lhep = {s["scale"]: s["kept"] for s in stats.get("lhep", [])}
-    sats = {s["scale"]: s["uncond_ran"] for s in stats.get("sats", [])}
-    needed = []
-    batch = rows // 2 if "sats" in stats or rows % 2 == 0 else rows
-    for scale in range(scales):
-        kept = lhep.get(scale) or [tokens[scale]] * batch
-        uncond = sats.get(scale)
-        if uncond is None:
-            per_sample_rows = [rows // batch] * batch
-        else:
-            per_sample_rows = [1 + int(u) for u in uncond]
-        needed.append(sum(k * r for k, r in zip(kept, per_sample_rows)))
-    return needed
-
-
 def measure_flops(fast, **generate_kwargs: Any) -> dict[str, Any]:
     """Per-scale and total FLOPs of ``fast.generate(**generate_kwargs)`` vs the baseline and the ideal."""
     from .emit import OptimizedModel
@@ -69,11 +51,8 @@ def measure_flops(fast, **generate_kwargs: Any) -> dict[str, Any]:
     finally:
         fast.extra_runtimes = []
     optimized = counter.per_scale()
-    captured = fast._current()
-    tokens = [s.tokens for s in captured.scales]
-    rows = next(n for n in captured.scales[0].module.graph.nodes if n.op == "placeholder").meta["val"].shape[0]
-    needed = _token_rows(fast, len(base), rows, tokens)
-    ideal = [round(b * n / (rows * t)) for b, n, t in zip(base, needed, tokens)]
+    summary = fast.stats.get("summary")  # token-rows each scale needed vs the baseline's, per the passes' runtimes
+    ideal = [round(b * s["work_vs_baseline"]) for b, s in zip(base, summary)] if summary else list(base)
     fast.last_flops = {"baseline": base, "optimized": optimized, "ideal": ideal,
                        "total": {"baseline": sum(base), "optimized": sum(optimized), "ideal": sum(ideal)},
                        "ratio": {"optimized_vs_baseline": sum(optimized) / sum(base),

@@ -37,3 +37,14 @@ def golden_model(golden):
 @pytest.fixture(scope="session")
 def golden_text(golden) -> tuple:
     return golden["text_kv"], golden["text_lens"], golden["text_cu_seqlens"], max(golden["text_lens"])
+
+
+@pytest.fixture(scope="module")
+def tiny_float32():
+    """The tiny model with seeded weights and the bf16 rounding of text attention off, so that batch and graph
+    comparisons are not lost in rounding noise (one instance per test module)."""
+    from model_adapters.infinity import build_infinity, set_text_attention_bf16
+
+    model = build_infinity("infinity-tiny", seed=0)
+    set_text_attention_bf16(model, False)
+    return model

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from graphsurgeon import ConfigError, get_adapter, optimize
 from graphsurgeon.meta import annotations
-from model_adapters.infinity import bits_to_codes, build_infinity, get_scale_schedule, set_text_attention_bf16
+from model_adapters.infinity import bits_to_codes, get_scale_schedule
 from model_adapters.infinity.adapter import GraphScaleRunner
 from passes.lhep import energy_map, keep_mask
 
@@ -18,10 +18,8 @@ GRIDS = [(h, w) for _, h, w in SCHEDULE]
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    model = build_infinity("infinity-tiny", seed=0)
-    set_text_attention_bf16(model, False)  # float32 throughout: batch comparisons are not lost in bf16 noise
-    return model
+def tiny(tiny_float32):
+    return tiny_float32
 
 
 def kwargs(lens=(5, 9, 3), **extra):

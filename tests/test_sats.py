@@ -6,7 +6,7 @@ import torch
 
 from graphsurgeon import ConfigError, get_adapter, optimize
 from graphsurgeon.meta import annotations
-from model_adapters.infinity import build_infinity, get_scale_schedule, set_text_attention_bf16
+from model_adapters.infinity import get_scale_schedule
 from model_adapters.infinity.adapter import GraphScaleRunner
 from passes.sats import cfg_branch_guard, guard_discrepancy, guided_mix
 
@@ -16,10 +16,8 @@ SCHEDULE = get_scale_schedule(1.0, "0.25M")  # 10 scales: SATS on 6-9 by default
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    model = build_infinity("infinity-tiny", seed=0)
-    set_text_attention_bf16(model, False)  # float32 throughout: batch comparisons are not lost in bf16 noise
-    return model
+def tiny(tiny_float32):
+    return tiny_float32
 
 
 def kwargs(lens=(5, 9, 3), **extra):

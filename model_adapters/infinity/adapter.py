@@ -92,12 +92,6 @@ class InfinityAdapter:
         """The reference model for a named config or config dict (``meta``: structure only, no weights)."""
         return build_infinity(config, device=device, seed=seed)
 
-    def capture_args(self, model: Any, batch_size: int = 1, h_div_w: float = 1.0, pn: str = "1M",
-                     text_len: int = 8) -> dict[str, Any]:
-        """Generation arguments for capturing without real prompts (``check``, ``export``)."""
-        return self.default_capture_args(model, batch_size=batch_size, text_len=text_len,
-                                         schedule=get_scale_schedule(h_div_w, pn))
-
     def generate(self, model: Any, **kwargs: Any) -> GenerationOutput:
         """The baseline sampler (see :func:`model_adapters.infinity.sampler.generate`)."""
         return generate(model, **kwargs)
@@ -110,13 +104,13 @@ class InfinityAdapter:
         return (tuple(tuple(int(v) for v in pn) for pn in scale_schedule), lens, cfg_on, num_scales,
                 str(model.pos_start.device))
 
-    def default_capture_args(self, model: Any, batch_size: int = 1, text_len: int = 8,
-                             schedule: Optional[Sequence] = None) -> dict[str, Any]:
+    def capture_args(self, model: Any, batch_size: int = 1, h_div_w: float = 1.0, pn: str = "1M",
+                     text_len: int = 8) -> dict[str, Any]:
         """Generation arguments with placeholder text, for capturing without real prompts (check, export)."""
         lens = [text_len] * batch_size
         kv = torch.zeros(sum(lens), model.Ct5, device=model.pos_start.device)
         cu = torch.tensor([0] + [text_len * (i + 1) for i in range(batch_size)], dtype=torch.int32, device=kv.device)
-        return dict(text=(kv, lens, cu, text_len), scale_schedule=list(schedule or get_scale_schedule(1.0, "1M")), cfg=3.0)
+        return dict(text=(kv, lens, cu, text_len), scale_schedule=get_scale_schedule(h_div_w, pn), cfg=3.0)
 
     def capture_plan(self, model: Any, text, scale_schedule, cfg=3.0, num_scales=None, **_: Any) -> CapturePlan:
         identify_schedule(scale_schedule)
