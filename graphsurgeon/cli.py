@@ -1,4 +1,5 @@
-"""Command line: ``graphsurgeon check`` (what capture finds), ``export`` and ``diff`` (what the passes changed)."""
+"""Command line: ``graphsurgeon check`` (what capture finds), ``export``, ``diff`` (what the passes changed) and
+``bench`` (measured speed-up)."""
 from __future__ import annotations
 
 import argparse
@@ -75,6 +76,13 @@ def diff(args) -> int:
     return 0
 
 
+def bench(args) -> int:
+    from .bench import run_and_write
+
+    run_and_write(args)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="graphsurgeon", description="Model surgery for next-scale-prediction models")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +101,12 @@ def main(argv=None) -> int:
     diff_parser.add_argument("--out", required=True, help="report file: .html, .md or .json")
     diff_parser.add_argument("--flops", action="store_true", help="also measure FLOPs (runs the baseline too)")
     diff_parser.set_defaults(run=diff)
+    from .bench import add_arguments
+
+    bench_parser = commands.add_parser("bench", help="time the baseline and the optimized model per pass set; "
+                                                     "writes JSON and Markdown")
+    add_arguments(bench_parser)
+    bench_parser.set_defaults(run=bench)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

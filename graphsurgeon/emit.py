@@ -26,6 +26,7 @@ class OptimizedModel:
         self._last_key: Optional[Any] = None
         self._runtimes: list = []
         self.extra_runtimes: list = []  # observers that change nothing (e.g. a FLOP counter)
+        self.runner_wrappers: list = []  # callables runner -> runner that only observe (e.g. a per-scale timer)
         self.last_flops: Optional[dict] = None
 
     def capture(self, **generate_kwargs: Any) -> CapturedModel:
@@ -47,6 +48,8 @@ class OptimizedModel:
         self._runtimes = [p.runtime(captured) for p in self.passes if hasattr(p, "runtime")]
         runner = self.adapter.graph_runner(self.model, captured, kwargs["scale_schedule"],
                                            self._runtimes + self.extra_runtimes)
+        for wrap in self.runner_wrappers:
+            runner = wrap(runner)
         return self.adapter.generate(self.model, scale_runner=runner, **kwargs)
 
     @property

@@ -35,15 +35,18 @@ class FlopCounterRuntime:
         return [sum(v for (s, _), v in self.flops.items() if s == scale) for scale in scales]
 
 
-def measure_flops(fast, **generate_kwargs: Any) -> dict[str, Any]:
-    """Per-scale and total FLOPs of ``fast.generate(**generate_kwargs)`` vs the baseline and the ideal."""
+def measure_flops(fast, baseline_flops: Optional[list[int]] = None, **generate_kwargs: Any) -> dict[str, Any]:
+    """Per-scale and total FLOPs of ``fast.generate(**generate_kwargs)`` vs the baseline and the ideal.
+    ``baseline_flops`` (per scale, from an earlier call with the same arguments) saves the baseline run."""
     from .emit import OptimizedModel
 
-    baseline = OptimizedModel(fast.model, fast.adapter, [])
-    counter = FlopCounterRuntime()
-    baseline.extra_runtimes = [counter]
-    baseline.generate(**generate_kwargs)
-    base = counter.per_scale()
+    if baseline_flops is None:
+        baseline = OptimizedModel(fast.model, fast.adapter, [])
+        counter = FlopCounterRuntime()
+        baseline.extra_runtimes = [counter]
+        baseline.generate(**generate_kwargs)
+        baseline_flops = counter.per_scale()
+    base = list(baseline_flops)
     counter = FlopCounterRuntime()
     fast.extra_runtimes = [counter]
     try:

@@ -22,7 +22,7 @@ from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 import operator
 
@@ -68,10 +68,29 @@ def keep_mask(energy: torch.Tensor, rho: float) -> torch.Tensor:
     return energy >= threshold
 
 
+def fixed_keep_mask(energy: torch.Tensor, fraction: float) -> torch.Tensor:
+    """(B, n) energies -> (B, n) bool: per row, the ``round(fraction * n)`` (at least 1) highest-energy tokens
+    (equal energies: the earlier position first). A fixed operating point for benchmarks, not the paper's rule."""
+    count = max(1, round(fraction * energy.shape[-1]))
+    order = torch.sort(energy, dim=-1, descending=True, stable=True).indices[:, :count]
+    return torch.zeros_like(energy, dtype=torch.bool).scatter(-1, order, True)
+
+
 class LHEPConfig(PassConfig):
     rho: float = Field(0.5, gt=0.0, le=1.0, description="fraction of high-frequency energy the kept tokens hold")
     scales: Optional[tuple[int, ...]] = Field(None, description="scale indices (negative from the end)")
     last: int = Field(3, ge=0, description="without `scales`: the last this many scales")
+    keep_fraction: Optional[dict[int, float]] = Field(
+        None, description="benchmark-only fixed operating point: per LHEP scale (negative from the end), keep this "
+                          "fraction of the tokens (the highest-energy ones) instead of applying rho")
+
+    @field_validator("keep_fraction")
+    @classmethod
+    def _fractions_in_range(cls, value: Optional[dict[int, float]]) -> Optional[dict[int, float]]:
+        bad = {k: f for k, f in (value or {}).items() if not 0.0 < f <= 1.0}
+        if bad:
+            raise ValueError(f"fractions must be in (0, 1], got {bad}")
+        return value
 
 
 @register_pass
@@ -93,6 +112,7 @@ class LHEP(GraphPass):
             raise ConfigError("pass 'lhep' cannot act on scale 0: it has no previous residual to rank tokens by")
         if not lhep_scales:
             return []
+        fixed = self.fixed_fractions(len(captured.scales), lhep_scales)
         first = min(lhep_scales)
         tokens0 = captured.scales[0]
         rows = next(n for n in tokens0.module.graph.nodes if n.op == "placeholder" and n.target == tokens0.token_input)
@@ -100,11 +120,27 @@ class LHEP(GraphPass):
         batch = captured.plan.cfg_batch or total_rows
         edits = []
         for scale in captured.scales[first:]:
-            edits.append(_rewrite_scale(scale, batch, total_rows, self.config.rho if scale.index in lhep_scales else None))
+            rule = None
+            if scale.index in lhep_scales:
+                rule = (fixed_keep_mask, fixed[scale.index]) if fixed else (keep_mask, self.config.rho)
+            edits.append(_rewrite_scale(scale, batch, total_rows, rule))
         residual = captured.regions["residual"]
         for graph in residual[first - 1:]:
             edits.append(_rewrite_residual(graph, captured.scales[graph.index].grid, graph.index in lhep_scales))
         return edits
+
+    def fixed_fractions(self, n_scales: int, lhep_scales: tuple[int, ...]) -> Optional[dict[int, float]]:
+        """The benchmark-only kept fraction per LHEP scale, or None (the rho rule). It must name every LHEP scale."""
+        if self.config.keep_fraction is None:
+            return None
+        fractions = {}
+        for scale, fraction in self.config.keep_fraction.items():
+            if not -n_scales <= scale < n_scales:
+                raise ConfigError(f"lhep.keep_fraction: scale {scale} is outside the schedule's {n_scales} scales")
+            fractions[scale % n_scales] = fraction
+        if set(fractions) != set(lhep_scales):
+            raise ConfigError(f"lhep.keep_fraction names scales {sorted(fractions)} but LHEP acts on {list(lhep_scales)}")
+        return fractions
 
     def runtime(self, captured) -> "LHEPRuntime":
         return LHEPRuntime(captured)
@@ -119,7 +155,9 @@ def _tag(node: torch.fx.Node, role: str) -> torch.fx.Node:
     return node
 
 
-def _rewrite_scale(scale, batch: int, total_rows: int, rho: Optional[float]) -> dict:
+def _rewrite_scale(scale, batch: int, total_rows: int, rule: Optional[tuple]) -> dict:
+    """``rule``: (mask function, its parameter) at an LHEP scale; None at later-scale graphs that only need the
+    attention mask and the key-validity record."""
     module, graph = scale.module, scale.module.graph
     nodes = _nodes(graph)
     tokens = nodes[scale.aliases.get(scale.token_input, scale.token_input)]
@@ -131,7 +169,7 @@ def _rewrite_scale(scale, batch: int, total_rows: int, rho: Optional[float]) -> 
     scale.input_names = scale.input_names + ["lhep_history"]
     anchor = tokens if tokens.op != "placeholder" else history
     valid = index = keep = None
-    if rho is not None:
+    if rule is not None:
         with graph.inserting_after(history):
             previous = _tag(graph.placeholder("lhep_prev_codes"), "residual_input")
         scale.input_names = scale.input_names + ["lhep_prev_codes"]
@@ -140,7 +178,7 @@ def _rewrite_scale(scale, batch: int, total_rows: int, rho: Optional[float]) -> 
         with graph.inserting_after(anchor):
             energy = _tag(graph.call_function(lhep_energy, (previous, grid)), "mask")
         with graph.inserting_after(energy):
-            keep = _tag(graph.call_function(keep_mask, (energy, rho)), "mask")
+            keep = _tag(graph.call_function(rule[0], (energy, rule[1])), "mask")
         with graph.inserting_after(keep):
             selection = _tag(graph.call_function(select_tokens, (keep, active, batch, tokens)), "select")
         with graph.inserting_after(selection):
@@ -155,7 +193,8 @@ def _rewrite_scale(scale, batch: int, total_rows: int, rho: Optional[float]) -> 
         added += [previous, energy, keep, selection, index, valid, gathered]
         propagate_axis(graph, gathered, 0, total_rows if active is None else tokens.meta["val"].shape[0], key="row_axis")
         nodes = _nodes(graph)
-        done = set()
+        done, gathered_by_expression, expressions = set(), {}, {}
+        mutated = {n.args[0] for n in graph.nodes if n.target is operator.setitem}
         for value_name, axis, meets in scale.side_values:
             if value_name in done or value_name not in nodes:
                 continue
@@ -166,10 +205,15 @@ def _rewrite_scale(scale, batch: int, total_rows: int, rho: Optional[float]) -> 
                 raise ConfigError(f"pass 'lhep': scale {scale.index}: cannot tell the batch dimension where side input "
                                   f"{value_name} meets the tokens ({meets})")
             row_axis = meet_row - (meet.meta["val"].dim() - value.meta["val"].dim())
-            with graph.inserting_after(value):
-                side = _tag(graph.call_function(gather_tokens, (value, index, valid, axis, row_axis)), "gather_side_input")
+            expression = (_expression(value, mutated, expressions), axis, row_axis)
+            side = gathered_by_expression.get(expression) if expression[0] is not None else None
+            if side is None:  # every block slices the same RoPE rows: gather them once, not once per block
+                with graph.inserting_after(value):
+                    side = _tag(graph.call_function(gather_tokens, (value, index, valid, axis, row_axis)),
+                                "gather_side_input")
+                gathered_by_expression[expression] = side
+                added.append(side)
             value.replace_all_uses_with(side, delete_user_cb=lambda user: user is not side)
-            added.append(side)
         changed = generalize_axis(module, gathered, scale.token_axis, scale.tokens, key="token_axis",
                                   role="kept_token_count", keep_roles=("token_side_input",))  # gathered after the slice
     else:
@@ -204,6 +248,25 @@ def _rewrite_scale(scale, batch: int, total_rows: int, rho: Optional[float]) -> 
     module.recompile()
     return {"pass": "lhep", "region": "scale", "scale": scale.index, "added": [n.name for n in added],
             "generalized": changed, "rewired": [tokens.name] if index is not None else []}
+
+
+def _expression(node: torch.fx.Node, mutated: set, memo: dict) -> Optional[tuple]:
+    """A structural key of the computation behind ``node`` (equal keys: equal values), or None when the way
+    there has a module call or a tensor written to in place (then two equal-looking reads may differ)."""
+    if node not in memo:
+        if node in mutated or node.op == "call_module":
+            key = None
+        elif node.op in ("placeholder", "get_attr"):
+            key = (node.op, node.target)
+        else:
+            inputs = [_expression(a, mutated, memo) for a in node.all_input_nodes]
+            key = None if None in inputs else (
+                node.op, node.target, repr(torch.fx.node.map_arg((node.args, node.kwargs), lambda a: memo[a])))
+            if key and node.op == "call_method" and node.target == "to" and isinstance(node.args[0], torch.fx.Node):
+                inner, settings = memo[node.args[0]], repr((node.args[1:], node.kwargs))
+                key = inner if inner and inner[:2] == ("to", settings) else ("to", settings, inner)  # x.to(a).to(a)
+        memo[node] = key
+    return memo[node]
 
 
 def _rewrite_residual(scale, grid: tuple, prune: bool) -> dict:
@@ -320,7 +383,7 @@ def attention_mask(key: torch.Tensor, valid: Optional[torch.Tensor], history: Op
     allowed = torch.cat([earlier, current], dim=1)
     if bool(allowed.all()):
         return None
-    return torch.zeros(allowed.shape, device=key.device).masked_fill(~allowed, float("-inf"))[:, None, None, :]
+    return torch.zeros(allowed.shape, dtype=key.dtype, device=key.device).masked_fill(~allowed, float("-inf"))[:, None, None, :]
 
 
 def extend_history(history: Optional[torch.Tensor], valid: Optional[torch.Tensor], rows: Optional[torch.Tensor],

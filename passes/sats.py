@@ -66,6 +66,9 @@ class SATSConfig(PassConfig):
     eps: float = Field(1e-8, gt=0.0, description="added to Delta_prev in gamma's denominator")
     scales: Optional[tuple[int, ...]] = Field(None, description="scale indices (negative from the end)")
     last: int = Field(4, ge=0, description="without `scales`: the last this many scales")
+    stop_scale: Optional[int] = Field(
+        None, description="benchmark-only fixed operating point: every sample stops its unconditional branch at this "
+                          "SATS scale (negative from the end; no branch from the next scale on) whatever delta says")
 
 
 @register_pass
@@ -82,6 +85,7 @@ class SATS(GraphPass):
         if batch is None:
             raise ConfigError("pass 'sats' needs classifier-free guidance on a doubled batch (cfg != 1)")
         sats_scales = self.scales(len(captured.scales))
+        self.fixed_stop(len(captured.scales))  # a bad stop scale is refused before any graph is edited
         if not sats_scales:
             return []
         edits = []
@@ -89,8 +93,20 @@ class SATS(GraphPass):
             edits.append(_rewrite_scale(scale, batch, scale.index in sats_scales))
         return edits
 
+    def fixed_stop(self, n_scales: int) -> Optional[int]:
+        """The benchmark-only stop scale (a SATS scale other than the last), or None (the delta rule)."""
+        stop = self.config.stop_scale
+        if stop is None:
+            return None
+        sats_scales = self.scales(n_scales)
+        if not -n_scales <= stop < n_scales or stop % n_scales not in sats_scales[:-1]:
+            raise ConfigError(f"sats.stop_scale={stop} must be a SATS scale before the last ({list(sats_scales[:-1])}): "
+                              "a stop saves work from the next scale on")
+        return stop % n_scales
+
     def runtime(self, captured) -> "SATSRuntime":
-        return SATSRuntime(captured.plan.cfg_batch, set(self.scales(len(captured.scales))), self.config)
+        n_scales = len(captured.scales)
+        return SATSRuntime(captured.plan.cfg_batch, set(self.scales(n_scales)), self.config, self.fixed_stop(n_scales))
 
 
 def _rewrite_scale(scale, batch: int, with_discrepancy: bool) -> dict:
@@ -182,8 +198,8 @@ def _select_row_constants(module, rows: int, active: torch.fx.Node, scale_index:
 class SATSRuntime:
     """Carries the per-sample guard between scales of one ``generate`` and records what ran."""
 
-    def __init__(self, batch: int, sats_scales: set[int], config: SATSConfig):
-        self.batch, self.sats_scales, self.config = batch, sats_scales, config
+    def __init__(self, batch: int, sats_scales: set[int], config: SATSConfig, fixed_stop: Optional[int] = None):
+        self.batch, self.sats_scales, self.config, self.fixed_stop = batch, sats_scales, config, fixed_stop
         self.guard = GuardState(batch)
         self.active: Optional[torch.Tensor] = None
         self.stats: list[dict] = []
@@ -204,8 +220,12 @@ class SATSRuntime:
         record = {"scale": scale, "rows": int(active.numel()) if active is not None else 2 * self.batch,
                   "uncond_ran": uncond_ran, "delta": None, "gamma": None}
         if "sats_delta" in outputs:
-            self.guard.observe(scale, outputs["sats_delta"], running, self.config.delta, self.config.eps)
+            threshold = self.config.delta if self.fixed_stop is None else float("-inf")  # fixed: only stop_scale stops
+            self.guard.observe(scale, outputs["sats_delta"], running, threshold, self.config.eps)
             record["delta"], record["gamma"] = self.guard.history[-1]["delta"], self.guard.history[-1]["gamma"]
+        if scale == self.fixed_stop:
+            self.guard.stop_scale = [s if s is not None else scale for s in self.guard.stop_scale]
+            self.guard.stopped[:] = True
         record["stopped_after"] = self.guard.stopped.tolist()
         self.stats.append(record)
 
@@ -235,8 +255,11 @@ def cfg_branch_guard(stopped: torch.Tensor, cache_rows: torch.Tensor, batch: int
     segments = [torch.arange(int(starts[r]), int(ends[r]), device=values.device) for r in active.tolist()]
     lens = (ends - starts).index_select(0, active)
     new_offsets = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(offsets.dtype)
-    positions = (cache_rows[None, :] == active[:, None]).int().argmax(dim=1)
-    selected_caches = tuple(c.index_select(0, positions) for c in caches)
+    if cache_rows.numel() == active.numel() and bool((cache_rows == active).all()):
+        selected_caches = caches  # the caches already hold exactly the running rows (a stop before the last scale)
+    else:
+        positions = (cache_rows[None, :] == active[:, None]).int().argmax(dim=1)
+        selected_caches = tuple(c.index_select(0, positions) for c in caches)
     return (active, *selected_rows, values.index_select(0, torch.cat(segments)), new_offsets, *selected_caches)
 
 

@@ -112,7 +112,9 @@ def test_inserted_nodes_are_tagged(tiny):
     roles = {annotations(n)["role"] for n in module.graph.nodes if annotations(n).get("pass") == "lhep"}
     assert {"mask", "select", "gather", "gather_side_input", "attention_mask", "scatter_logits", "kv_validity"} <= roles
     gathers = [n for n in module.graph.nodes if annotations(n).get("role") == "gather_side_input"]
-    assert len(gathers) == 8  # RoPE cos and sin in each of the 4 attentions
+    assert len(gathers) == 2  # RoPE cos and sin: each of the 4 attentions slices the same rows, gathered once
+    rope_uses = sum(len(g.users) for g in gathers)
+    assert rope_uses == 32  # ... and used by all 4 attentions (q and k, rotated halves: 8 uses each)
     assert "keep_mask = passes_lhep_keep_mask(lhep_energy, 0.5)" in module.code
 
 

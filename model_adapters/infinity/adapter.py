@@ -12,10 +12,11 @@ from typing import Any, Optional, Sequence
 import torch
 
 from graphsurgeon.capture import CapturedModel, CapturePlan, ScaleSpec, StateSlot
+from graphsurgeon.errors import ConfigError
 
 from .builder import build_infinity
 from .kernels import packed_cross_attention_reference
-from .sampler import GenerationOutput, cfg_mix, generate, residual_step, scale_blocks
+from .sampler import EagerScaleRunner, GenerationOutput, cfg_mix, generate, residual_step, scale_blocks
 from .schedules import get_scale_schedule, identify_schedule
 
 
@@ -88,9 +89,48 @@ class InfinityAdapter:
 
     name = "infinity"
 
-    def build_model(self, config: Any, device: str = "meta", seed: Optional[int] = None) -> torch.nn.Module:
+    # -- benchmarks: facts about the paper (LD-Pruning, Tables 2 and 4: single H100, batch 1, seconds) -------------
+    paper_latency_s = {"infinity-2b": {"baseline": 0.90, "lhep": 0.55, "sats": 0.73, "lhep+sats": 0.52},
+                       "infinity-8b": {"baseline": 1.65, "lhep+sats": 0.70}}
+    operating_points = {
+        # The paper's scales (LHEP on the last 3, SATS on the last 4 of the 13-scale 1024x1024 schedule) with the
+        # stop at the first scale where SATS can decide (scale 10: no unconditional branch at 11 and 12) and half
+        # of the tokens kept at each LHEP scale. The paper publishes no kept-token counts; see docs/BENCHMARKS.md.
+        "paper": {"lhep": {"keep_fraction": {-3: 0.5, -2: 0.5, -1: 0.5}}, "sats": {"stop_scale": -3}},
+    }
+
+    def build_model(self, config: Any, device: str = "meta", seed: Optional[int] = None,
+                    draw_on_device: bool = False) -> torch.nn.Module:
         """The reference model for a named config or config dict (``meta``: structure only, no weights)."""
-        return build_infinity(config, device=device, seed=seed)
+        return build_infinity(config, device=device, seed=seed, draw_on_device=draw_on_device)
+
+    def benchmark_args(self, model: Any, batch_size: int = 1, h_div_w: float = 1.0, pn: str = "1M",
+                       seed: int = 0) -> dict[str, Any]:
+        """Generation arguments for a benchmark: random text features (prompt lengths 8-24, seeded) and the
+        official sampling settings (CFG 3, tau 0.5, top-k 900, top-p 0.97)."""
+        generator = torch.Generator().manual_seed(seed)
+        lens = torch.randint(8, 25, (batch_size,), generator=generator).tolist()
+        kv = torch.randn(sum(lens), model.Ct5, generator=generator).to(model.pos_start.device)
+        cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=kv.device)
+        return dict(text=(kv, lens, cu, max(lens)), scale_schedule=get_scale_schedule(h_div_w, pn), cfg=3.0, tau=0.5,
+                    top_k=900, top_p=0.97, seed=seed)
+
+    def precision(self, model: Any, dtype: torch.dtype) -> Any:
+        """Set the model up for ``dtype`` as the official inference does and return the context to run in:
+        float32 anywhere (as built); bfloat16 on CUDA = transformer blocks in bf16 under CUDA bf16 autocast."""
+        device = model.pos_start.device
+        if dtype == torch.float32:
+            return contextlib.nullcontext
+        if dtype != torch.bfloat16 or device.type != "cuda":
+            raise ConfigError(f"dtype {dtype} on {device.type}: the Infinity adapter runs float32 on any device and "
+                              "bfloat16 on CUDA (the official inference: bf16 blocks under CUDA autocast)")
+        for block in model.unregistered_blocks:
+            block.bfloat16()
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def baseline_runner(self, model: Any) -> EagerScaleRunner:
+        """The scale runner the baseline sampler uses (the eager model), for wrapping with observers."""
+        return EagerScaleRunner(model)
 
     def generate(self, model: Any, **kwargs: Any) -> GenerationOutput:
         """The baseline sampler (see :func:`model_adapters.infinity.sampler.generate`)."""

@@ -11,11 +11,13 @@ from .model import Infinity
 
 
 def build_infinity(name_or_config: Union[str, dict, InfinityConfig], device: Union[str, torch.device] = "cpu",
-                   dtype: Optional[torch.dtype] = None, seed: Optional[int] = None) -> Infinity:
+                   dtype: Optional[torch.dtype] = None, seed: Optional[int] = None, draw_on_device: bool = False
+                   ) -> Infinity:
     """Construct the model. ``device="meta"`` allocates no weights (for structure, capture, or loading).
 
     With ``seed``, every parameter is drawn from a generator seeded with it (see :func:`init_random_weights`),
-    so the same seed gives the same weights on any machine.
+    so the same seed gives the same weights on any machine; ``draw_on_device`` draws them on ``device`` instead
+    (much faster for 2B/8B on a GPU; the weights then depend on the device type).
     """
     config = resolve_config(name_or_config)
     device = torch.device(device)
@@ -24,7 +26,7 @@ def build_infinity(name_or_config: Union[str, dict, InfinityConfig], device: Uni
     with torch.device(device):
         model = Infinity(config)
     if seed is not None:
-        init_random_weights(model, seed)
+        init_random_weights(model, seed, device if draw_on_device else None)
     if dtype is not None:
         model.to(dtype)
     return model.eval()
@@ -49,11 +51,12 @@ def _std_for(name: str, param: torch.Tensor, model: Infinity) -> tuple[float, fl
 
 
 @torch.no_grad()
-def init_random_weights(model: Infinity, seed: int) -> Infinity:
-    """Draw every parameter (never the zero-bias buffers) from a CPU generator seeded with ``seed``."""
-    generator = torch.Generator().manual_seed(seed)
+def init_random_weights(model: Infinity, seed: int, device: Optional[torch.device] = None) -> Infinity:
+    """Draw every parameter (never the zero-bias buffers) from a generator seeded with ``seed`` (on the CPU
+    unless ``device`` is given)."""
+    generator = torch.Generator(device=device or "cpu").manual_seed(seed)
     for name, param in model.named_parameters():
         mean, std = _std_for(name, param, model)
-        draw = torch.randn(param.shape, generator=generator, dtype=torch.float32) * std + mean
+        draw = torch.randn(param.shape, generator=generator, dtype=torch.float32, device=device or "cpu") * std + mean
         param.copy_(draw.to(param.dtype))
     return model

@@ -89,6 +89,8 @@ NAMED_CONFIGS: dict[str, dict] = {
         apply_spatial_patchify=1,
     ),
     "infinity-tiny": dict(depth=4, embed_dim=256, num_heads=2, block_chunks=2, text_channels=256, codebook_dim=32),
+    # between tiny and 2B, for CPU benchmarks: 2B's head dimension (128) and codebook, a quarter of its width
+    "infinity-mid": dict(depth=8, embed_dim=512, num_heads=4, block_chunks=2, text_channels=512, codebook_dim=32),
 }
 
 
