@@ -251,15 +251,21 @@ def cfg_branch_guard(stopped: torch.Tensor, cache_rows: torch.Tensor, batch: int
         return (active, *rows, *packed, *caches)
     selected_rows = tuple(t.index_select(0, active) for t in rows)
     values, offsets = packed
-    starts, ends = offsets[:-1].long(), offsets[1:].long()
-    segments = [torch.arange(int(starts[r]), int(ends[r]), device=values.device) for r in active.tolist()]
-    lens = (ends - starts).index_select(0, active)
-    new_offsets = torch.cat([lens.new_zeros(1), lens.cumsum(0)]).to(offsets.dtype)
-    if cache_rows.numel() == active.numel() and bool((cache_rows == active).all()):
-        selected_caches = caches  # the caches already hold exactly the running rows (a stop before the last scale)
+    bounds = offsets.tolist()  # one copy to the host for all rows (a few integers), not one per row
+    running = active.tolist()
+    segments = [torch.arange(bounds[r], bounds[r + 1], device=values.device) for r in running]
+    lens = [bounds[r + 1] - bounds[r] for r in running]
+    new_offsets = torch.tensor([0] + lens, dtype=offsets.dtype).cumsum(0).to(dtype=offsets.dtype, device=offsets.device)
+    previous = cache_rows.tolist()
+    if previous == running:
+        selected_caches = caches  # the caches already hold exactly the running rows (every scale after a stop)
     else:
-        positions = (cache_rows[None, :] == active[:, None]).int().argmax(dim=1)
-        selected_caches = tuple(c.index_select(0, positions) for c in caches)
+        positions = [previous.index(r) for r in running]
+        if positions == list(range(positions[0], positions[0] + len(positions))):  # e.g. every uncond row stopped
+            selected_caches = tuple(c.narrow(0, positions[0], len(positions)) for c in caches)  # a view, no copy
+        else:
+            index = torch.tensor(positions, device=values.device)
+            selected_caches = tuple(c.index_select(0, index) for c in caches)
     return (active, *selected_rows, values.index_select(0, torch.cat(segments)), new_offsets, *selected_caches)
 
 

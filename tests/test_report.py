@@ -32,7 +32,7 @@ def test_json_schema_and_content(report):
     assert data["schema_version"] == REPORT_SCHEMA_VERSION and [p["name"] for p in data["passes"]] == ["lhep", "sats"]
     lhep, sats = data["passes"]
     assert lhep["scales"] == [7, 8, 9] and sats["scales"] == [6, 7, 8, 9]
-    assert lhep["roles"]["gather_side_input"] == 24 and sats["roles"]["cfg_branch_guard"] == 4
+    assert lhep["roles"]["gather_side_input"] == 6 and sats["roles"]["cfg_branch_guard"] == 4
     scale9 = data["scales"][9]
     assert scale9["tokens_before"] == 1024 and all(k < 1024 for k in scale9["tokens_after"])
     assert scale9["flops_after"] < scale9["flops_before"] and scale9["flops_ideal"] <= scale9["flops_after"]

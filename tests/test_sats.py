@@ -95,6 +95,10 @@ def test_guard_node_selects_rows_text_and_caches():
     # next scale: the caches already hold rows [0, 1, 2]
     active, *_, next_cache = cfg_branch_guard(stopped, active, batch, rows, (values, offsets), (cache,))
     assert next_cache is cache  # not copied again
+    assert cache._base is caches[0]  # rows 0-2 of the caches: a view, not a copy
+    active, *_, cache = cfg_branch_guard(torch.tensor([True, False]), torch.arange(4), batch, rows, (values, offsets),
+                                         caches)
+    assert active.tolist() == [0, 1, 3] and cache.flatten().tolist() == [0, 10, 30]  # rows 0, 1, 3: gathered
     everything = cfg_branch_guard(torch.tensor([False, False]), torch.arange(4), batch, rows, (values, offsets), caches)
     assert everything[1] is rows[0] and everything[-1] is caches[0]  # nothing dropped: inputs untouched
 

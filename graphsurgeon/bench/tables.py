@@ -16,8 +16,8 @@ def markdown(result: dict[str, Any]) -> str:
     fixed = {k: spec[k] for k in ("keep_fraction", "stop_scale") if spec.get(k) is not None}
     mode = f"fixed ({', '.join(filter(None, [point and f'operating point {point!r}', fixed and str(fixed)]))})" \
         if result["mode"] == "fixed" else "adaptive (the passes' own rules)"
-    settings = {name: v["pass_config"] for name, v in variants.items() if v.get("pass_config")}
-    lines += [f"- mode: {mode}; pass settings: `{settings}`",
+    settings = {name: values for v in variants.values() for name, values in (v.get("pass_config") or {}).items()}
+    lines += [f"- mode: {mode}; pass settings (defaults where empty): `{settings}`",
               f"- {spec['warmup']} warm-up + {spec['repeats']} timed runs per variant, round-robin; seed {spec['seed']}; "
               f"measured {result['created']}",
               f"- machine: {machine.get('gpu') or machine['cpu']}"
