@@ -6,6 +6,8 @@
 set -euo pipefail
 out=${1:-${OUT:-out}/gpu}
 py=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+"$py" -c "import torch, pydantic; assert torch.cuda.is_available(), 'CUDA is not available'" \
+  || { echo "gpu.sh needs $py with a CUDA build of torch and pydantic (v2)" >&2; exit 2; }
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/nvidia-smi.csv"
 for config in infinity-2b infinity-8b; do
