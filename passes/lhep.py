@@ -258,13 +258,14 @@ def _expression(node: torch.fx.Node, mutated: set, memo: dict) -> Optional[tuple
             key = None
         elif node.op in ("placeholder", "get_attr"):
             key = (node.op, node.target)
+        elif None in [_expression(a, mutated, memo) for a in node.all_input_nodes]:
+            key = None
+        elif node.op == "call_method" and node.target == "to" and isinstance(node.args[0], torch.fx.Node):
+            inner = memo[node.args[0]]
+            settings = repr(torch.fx.node.map_arg((node.args[1:], node.kwargs), lambda a: memo[a]))
+            key = inner if inner[:2] == ("to", settings) else ("to", settings, inner)  # x.to(a).to(a) is x.to(a)
         else:
-            inputs = [_expression(a, mutated, memo) for a in node.all_input_nodes]
-            key = None if None in inputs else (
-                node.op, node.target, repr(torch.fx.node.map_arg((node.args, node.kwargs), lambda a: memo[a])))
-            if key and node.op == "call_method" and node.target == "to" and isinstance(node.args[0], torch.fx.Node):
-                inner, settings = memo[node.args[0]], repr((node.args[1:], node.kwargs))
-                key = inner if inner and inner[:2] == ("to", settings) else ("to", settings, inner)  # x.to(a).to(a)
+            key = (node.op, node.target, repr(torch.fx.node.map_arg((node.args, node.kwargs), lambda a: memo[a])))
         memo[node] = key
     return memo[node]
 

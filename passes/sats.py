@@ -10,6 +10,7 @@ computed for any later scale; its guidance uses the conditional logits. Each sam
 """
 from __future__ import annotations
 
+import itertools
 import operator
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
@@ -254,8 +255,8 @@ def cfg_branch_guard(stopped: torch.Tensor, cache_rows: torch.Tensor, batch: int
     bounds = offsets.tolist()  # one copy to the host for all rows (a few integers), not one per row
     running = active.tolist()
     segments = [torch.arange(bounds[r], bounds[r + 1], device=values.device) for r in running]
-    lens = [bounds[r + 1] - bounds[r] for r in running]
-    new_offsets = torch.tensor([0] + lens, dtype=offsets.dtype).cumsum(0).to(dtype=offsets.dtype, device=offsets.device)
+    new_offsets = torch.tensor(list(itertools.accumulate((bounds[r + 1] - bounds[r] for r in running), initial=0)),
+                               dtype=offsets.dtype, device=offsets.device)
     previous = cache_rows.tolist()
     if previous == running:
         selected_caches = caches  # the caches already hold exactly the running rows (every scale after a stop)

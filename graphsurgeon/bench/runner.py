@@ -116,10 +116,13 @@ def run_benchmark(spec: BenchSpec, log=print) -> dict[str, Any]:
                 variant.per_scale.append(timer.per_scale_ms())
                 variant.memory.append(memory.peak_mib())
             log(f"repeat {repeat + 1}/{spec.repeats}: " + ", ".join(f"{v.name} {v.times[-1]:.3f} s" for v in variants))
+        captured = variants[1].fast.capture(**kwargs)  # every variant ran these shapes: all tokens of all rows
+        all_tokens = [s.tokens * _rows(s) for s in captured.scales]
         for variant in variants:
             result["variants"][variant.name].update(_timings(variant, spec.batch))
-            fast = variant.fast or optimize(model, adapter=adapter, passes=[])
-            result["variants"][variant.name]["tokens_per_scale"] = _tokens_per_scale(fast, kwargs)
+            summary = variant.fast.stats.get("summary") if variant.fast is not None else None
+            result["variants"][variant.name]["tokens_per_scale"] = (
+                [entry["token_rows"] for entry in summary] if summary else all_tokens)
         if spec.flops:
             _count_flops(variants, kwargs, result, log)
         if spec.inserted_timing:
@@ -145,16 +148,6 @@ def _timings(variant: Variant, batch: int) -> dict[str, Any]:
     }
 
 
-def _tokens_per_scale(fast: Any, kwargs: dict) -> list[int]:
-    """Token-rows each scale computed in the last run (tokens x batch rows that ran), from the passes'
-    runtimes; without passes, every token of every row."""
-    summary = fast.stats.get("summary")
-    if summary:
-        return [entry["token_rows"] for entry in summary]
-    captured = fast.capture(**kwargs)
-    return [s.tokens * _rows(s) for s in captured.scales]
-
-
 def _rows(scale: Any) -> int:
     tokens = next(n for n in scale.module.graph.nodes if n.op == "placeholder" and n.target == scale.token_input)
     return tokens.meta["val"].shape[0]
@@ -166,9 +159,13 @@ def _count_flops(variants: list[Variant], kwargs: dict, result: dict, log) -> No
     from ..emit import OptimizedModel
 
     counter = FlopCounterRuntime()
-    reference = OptimizedModel(variants[0].model, variants[0].adapter, [])
+    pass_free = [v.fast for v in variants if v.fast is not None and not v.fast.passes]  # reuse its capture
+    reference = pass_free[0] if pass_free else OptimizedModel(variants[0].model, variants[0].adapter, [])
     reference.extra_runtimes = [counter]
-    reference.generate(**kwargs)
+    try:
+        reference.generate(**kwargs)
+    finally:
+        reference.extra_runtimes = []
     baseline = counter.per_scale()
     result["variants"][BASELINE]["flops"] = {"total": sum(baseline), "per_scale": baseline}
     for variant in variants[1:]:

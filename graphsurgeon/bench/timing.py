@@ -6,6 +6,7 @@ including any host synchronisation they need, at the price of the overlap the ru
 """
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import time
@@ -161,8 +162,6 @@ class InsertedNodeTimer:
 
 
 def _is_getitem(node: torch.fx.Node) -> bool:
-    import operator
-
     return node.target is operator.getitem
 
 
