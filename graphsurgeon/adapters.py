@@ -7,6 +7,7 @@ An adapter package (``model_adapters.<name>`` or any module listed under the
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from importlib.metadata import entry_points
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -45,11 +46,26 @@ def _discover(name: str) -> None:
             entry.load()
 
 
+def available_adapters() -> list[str]:
+    """Names :func:`get_adapter` can find: registered adapters, ``graphsurgeon.adapters`` entry points and the
+    subpackages of ``model_adapters``. Names are listed, not imported, so asking costs no adapter import."""
+    names = set(_REGISTRY)
+    names.update(entry.name for entry in entry_points(group="graphsurgeon.adapters"))
+    try:
+        package = importlib.import_module("model_adapters")
+    except ModuleNotFoundError as err:
+        if err.name != "model_adapters":
+            raise
+    else:
+        names.update(info.name for info in pkgutil.iter_modules(getattr(package, "__path__", [])) if info.ispkg)
+    return sorted(names)
+
+
 def get_adapter(name: str) -> ModelAdapter:
     """Return a fresh adapter instance for ``name`` (e.g. the package name under ``model_adapters``)."""
     if name not in _REGISTRY:
         _discover(name)
     if name not in _REGISTRY:
-        known = ", ".join(sorted(_REGISTRY)) or "none registered"
+        known = ", ".join(available_adapters()) or "none found"
         raise ConfigError(f"unknown adapter {name!r} (known: {known})")
     return _REGISTRY[name]()

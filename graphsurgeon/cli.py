@@ -1,36 +1,73 @@
 """Command line: ``graphsurgeon check`` (what capture finds), ``export``, ``diff`` (what the passes changed) and
-``bench`` (measured speed-up)."""
+``bench`` (measured speed-up).
+
+Every user error (bad option, path, config or pass) exits with status 2 and one line on stderr, before any work
+starts where it can be known then; anything else is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 import time
+from typing import Any, NoReturn, Optional
 
 from .adapters import get_adapter
 from .capture import capture
-from .errors import GraphsurgeonError
+from .cli_checks import check_dir_target, check_file_target
+from .errors import ConfigError, GraphsurgeonError
+
+REPORT_SUFFIXES = (".html", ".md", ".json")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, like every other user error of the command line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of prompts, runs, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (an aspect ratio)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default="infinity", help="adapter name (a package under model_adapters)")
     parser.add_argument("--config", default="infinity-tiny", help="the adapter's named model config")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--h-div-w", type=float, default=1.0, help="aspect ratio height/width")
+    parser.add_argument("--batch-size", type=_positive_int, default=1)
+    parser.add_argument("--h-div-w", type=_positive_float, default=1.0, help="aspect ratio height/width")
     parser.add_argument("--pn", default="1M", help="pixel preset of the schedule (e.g. 0.25M, 1M)")
 
 
-def _capture(args, device: str, seed=None):
+def _prepare(args: argparse.Namespace, device: str, seed: Optional[int] = None) -> tuple[Any, Any, dict[str, Any]]:
+    """The adapter, the model and its capture arguments (schedule and placeholder text)."""
     adapter = get_adapter(args.adapter)
     model = adapter.build_model(args.config, device=device, seed=seed)
-    plan = adapter.capture_plan(model, **adapter.capture_args(model, batch_size=args.batch_size, h_div_w=args.h_div_w,
-                                                              pn=args.pn))
-    return capture(plan)
+    return adapter, model, adapter.capture_args(model, batch_size=args.batch_size, h_div_w=args.h_div_w, pn=args.pn)
 
 
-def check(args) -> int:
+def check(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    captured = _capture(args, device="meta")
+    adapter, model, capture_args = _prepare(args, device="meta")
+    captured = capture(adapter.capture_plan(model, **capture_args))
     if args.json:
         print(json.dumps(captured.report.to_dict(), indent=2, default=str))
     else:
@@ -40,51 +77,67 @@ def check(args) -> int:
     return 0
 
 
-def export(args) -> int:
-    from .export import export_captured
+def export(args: argparse.Namespace) -> int:
+    from .passes import resolve_passes
 
-    captured = _capture(args, device="cpu", seed=0)
-    manifest = export_captured(captured, args.out, onnx_scale=args.onnx_scale)
+    out = check_dir_target(args.out)
+    passes = [p for p in args.passes.split(",") if p]
+    resolve_passes(passes)  # unknown or repeated pass names fail before the model is built
+    _, _, shapes = _prepare(args, device="meta")  # structure only: config, schedule and scale count, no weights
+    scales = len(shapes["scale_schedule"])
+    if not -scales <= args.onnx_scale < scales:
+        raise ConfigError(f"--onnx-scale {args.onnx_scale}: the schedule ({args.pn}) has {scales} scales; give "
+                          f"0..{scales - 1}, or -{scales}..-1 counting from the last")
+    from .api import optimize
+    from .export import export_captured  # onnx is slow to import: only once the arguments are known to be good
+
+    adapter, model, capture_args = _prepare(args, device="cpu", seed=0)
+    fast = optimize(model, adapter=adapter, passes=passes)
+    manifest = export_captured(fast.capture(**capture_args), out, onnx_scale=args.onnx_scale)
     onnx_entry = manifest.get("onnx", {})
-    print(f"wrote {len(manifest['graphs'])} graphs (.py, .dot, .svg) and {onnx_entry.get('file', 'no ONNX')} to {args.out}")
+    print(f"wrote {len(manifest['graphs'])} graphs (.py, .dot, .svg) and {onnx_entry.get('file', 'no ONNX')} to {out}"
+          + (f" (passes: {', '.join(passes)})" if passes else ""))
     for run in onnx_entry.get("onnxruntime", []):
-        print(f"  onnxruntime vs PyTorch at {run['tokens']} tokens: max abs err {run['max_abs_err']:.2e}, "
+        where = f"example variant {run['variant']}" if "variant" in run else f"{run['tokens']} tokens"
+        print(f"  onnxruntime vs PyTorch at {where}: max abs err {run['max_abs_err']:.2e}, "
               f"rel L2 {run['max_rel_l2']:.2e}")
     return 0
 
 
-def diff(args) -> int:
+def diff(args: argparse.Namespace) -> int:
     import torch
 
     from .api import optimize
     from .flops import measure_flops
+    from .passes import resolve_passes
 
-    adapter = get_adapter(args.adapter)
-    model = adapter.build_model(args.config, device="cpu", seed=0)
-    capture_args = adapter.capture_args(model, batch_size=args.batch_size, h_div_w=args.h_div_w, pn=args.pn)
+    out = check_file_target(args.out, suffixes=REPORT_SUFFIXES)
+    passes = [p for p in args.passes.split(",") if p]
+    resolve_passes(passes)  # unknown or repeated pass names fail before the model is built
+    adapter, model, capture_args = _prepare(args, device="cpu", seed=0)
     kv, lens, cu, max_len = capture_args["text"]
     text = (torch.randn(kv.shape, generator=torch.Generator().manual_seed(1)), lens, cu, max_len)
-    fast = optimize(model, adapter=adapter, passes=[p for p in args.passes.split(",") if p])
+    fast = optimize(model, adapter=adapter, passes=passes)
     generate_kwargs = dict(text=text, scale_schedule=capture_args["scale_schedule"], cfg=3.0, tau=0.5, top_k=900,
                            top_p=0.97, seed=1234)
     if args.flops:
         measure_flops(fast, **generate_kwargs)
     else:
         fast.generate(**generate_kwargs)
-    path = fast.report.write(args.out)
+    path = fast.report.write(out)
     print(f"graphsurgeon diff: {args.config} (random weights and text), passes {args.passes}: report written to {path}")
     return 0
 
 
-def bench(args) -> int:
+def bench(args: argparse.Namespace) -> int:
     from .bench import run_and_write
 
     run_and_write(args)
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="graphsurgeon", description="Model surgery for next-scale-prediction models")
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="graphsurgeon", description="Model surgery for next-scale-prediction models")
     commands = parser.add_subparsers(dest="command", required=True)
     check_parser = commands.add_parser("check", help="capture a model and print what the tracer found")
     _common(check_parser)
@@ -92,8 +145,11 @@ def main(argv=None) -> int:
     check_parser.set_defaults(run=check)
     export_parser = commands.add_parser("export", help="write readable code, drawings and ONNX of the captured graphs")
     _common(export_parser)
-    export_parser.add_argument("--out", required=True, help="output directory")
-    export_parser.add_argument("--onnx-scale", type=int, default=-1, help="scale exported to ONNX (default: last)")
+    export_parser.add_argument("--out", required=True, help="output folder (created; an existing file is refused)")
+    export_parser.add_argument("--passes", default="", help="comma-separated passes to apply first (e.g. lhep,sats): "
+                                                            "exports the optimized graphs")
+    export_parser.add_argument("--onnx-scale", type=int, default=-1,
+                               help="scale exported to ONNX: 0..N-1, or negative counting from the last (default: -1)")
     export_parser.set_defaults(run=export)
     diff_parser = commands.add_parser("diff", help="run the passes and write the graph diff report (.html/.md/.json)")
     _common(diff_parser)
@@ -107,12 +163,28 @@ def main(argv=None) -> int:
                                                      "writes JSON and Markdown")
     add_arguments(bench_parser)
     bench_parser.set_defaults(run=bench)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _fail(message: str) -> int:
+    """Print a user error as the one line a shell user reads (multi-line messages are joined) and return 2."""
+    one_line = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    print(f"graphsurgeon: error: {one_line}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run one command; returns the exit status (2 for any user error, argparse's included)."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error already printed on one line
+        return int(done.code or 0)
     try:
         return args.run(args)
     except GraphsurgeonError as err:
-        print(f"graphsurgeon: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(str(err))
+    except OSError as err:  # the machine's answer to a path or a write (disk full, permissions): not a bug here
+        return _fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Emit: the optimized model. It runs the adapter's sampler with captured (and rewritten) scale graphs."""
 from __future__ import annotations
 
+import threading
 from typing import Any, Optional
 
 import torch
@@ -8,14 +9,20 @@ import torch
 from .adapters import ModelAdapter
 from .capture import CapturedModel, CaptureReport, capture
 from .report import snapshot
+from .rewrite import lint_pass
 
 
 class OptimizedModel:
     """The result of :func:`graphsurgeon.optimize`.
 
-    ``generate`` has the adapter's baseline signature. Graphs are specialised (see the capture report), so
-    a call whose specialisation key differs from earlier calls (another schedule, batch size or prompt
-    lengths) captures a new set first; sets are cached.
+    ``generate`` has the adapter's baseline signature and validates its arguments as the baseline does, before
+    any work. Graphs are specialised (see the capture report), so a call whose specialisation key differs from
+    earlier calls (another schedule, batch size or prompt lengths) captures a new set first; sets are cached.
+
+    Threads: ``generate`` may be called from several threads at once. What a call changes (the passes' runtimes,
+    its stats) is its own; the cached graph sets are shared, hold no per-call state, and are captured once per
+    key (a second thread needing the same key waits for the first). ``extra_runtimes`` and ``runner_wrappers``
+    are observers set before calls; every call running while they are set uses them.
     """
 
     def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, passes: list):
@@ -23,45 +30,78 @@ class OptimizedModel:
         self._captured: dict[Any, CapturedModel] = {}
         self._edits: dict[Any, list[dict]] = {}
         self._snapshots: dict[Any, dict] = {}
+        self._capture_lock = threading.Lock()
         self._last_key: Optional[Any] = None
-        self._runtimes: list = []
+        self._last_stats: dict[str, Any] = {}
+        self._stats_lock = threading.Lock()
         self.extra_runtimes: list = []  # observers that change nothing (e.g. a FLOP counter)
         self.runner_wrappers: list = []  # callables runner -> runner that only observe (e.g. a per-scale timer)
         self.last_flops: Optional[dict] = None
 
     def capture(self, **generate_kwargs: Any) -> CapturedModel:
-        """The graph set for these generation arguments (captured on first use)."""
+        """The graph set for these generation arguments, captured on first use. The arguments are validated
+        first, so a rejected call captures and caches nothing."""
+        self.adapter.validate(self.model, **generate_kwargs)
         key = self.adapter.capture_key(self.model, **generate_kwargs)
-        if key not in self._captured:
-            captured = capture(self.adapter.capture_plan(self.model, **generate_kwargs))
-            self._snapshots[key] = {("scale", s.index): snapshot(s.module) for s in captured.scales}
-            self._snapshots[key].update({(name, g.index): snapshot(g.module)
-                                         for name, graphs in captured.regions.items() for g in graphs})
-            ordered = sorted(self.passes, key=lambda p: getattr(p, "order", 0))
-            self._edits[key] = [edit for graph_pass in ordered for edit in graph_pass.apply(captured)]
-            self._captured[key] = captured
+        captured = self._captured.get(key)
+        if captured is None:
+            with self._capture_lock:
+                captured = self._captured.get(key)
+                if captured is None:
+                    captured = self._capture(key, generate_kwargs)
         self._last_key = key
-        return self._captured[key]
+        return captured
+
+    def _capture(self, key: Any, generate_kwargs: dict[str, Any]) -> CapturedModel:
+        """Capture, snapshot and rewrite one graph set; it is published (``_captured[key]`` last) only once
+        complete, so a failure caches nothing and readers without the lock never see a half-made set."""
+        captured = capture(self.adapter.capture_plan(self.model, **generate_kwargs))
+        snapshots = {("scale", s.index): snapshot(s.module) for s in captured.scales}
+        snapshots.update({(name, g.index): snapshot(g.module)
+                          for name, graphs in captured.regions.items() for g in graphs})
+        edits = []
+        for graph_pass in sorted(self.passes, key=lambda p: p.order):
+            edits += graph_pass.apply(captured)
+            lint_pass(captured, graph_pass.name)  # a pass that breaks the node contract fails here, named
+        self._edits[key] = edits
+        self._snapshots[key] = snapshots
+        self._captured[key] = captured
+        return captured
 
     def generate(self, **kwargs: Any):
+        """The adapter's sampler on the graphs. The returned output's ``stats`` are this call's (as ``stats``
+        describes); ``fast.stats`` becomes them when the call completes."""
         captured = self.capture(**kwargs)
-        self._runtimes = [p.runtime(captured) for p in self.passes if hasattr(p, "runtime")]
+        passes = [p for p in self.passes if hasattr(p, "runtime")]
+        runtimes = [p.runtime(captured) for p in passes]
         runner = self.adapter.graph_runner(self.model, captured, kwargs["scale_schedule"],
-                                           self._runtimes + self.extra_runtimes)
-        for wrap in self.runner_wrappers:
+                                           runtimes + list(self.extra_runtimes))
+        for wrap in list(self.runner_wrappers):
             runner = wrap(runner)
-        return self.adapter.generate(self.model, scale_runner=runner, **kwargs)
+        output = self.adapter.generate(self.model, scale_runner=runner, **kwargs)
+        stats: dict[str, Any] = {p.name: runtime.stats for p, runtime in zip(passes, runtimes)}
+        if runtimes:
+            stats["summary"] = _summary(captured, stats)
+        output.stats = stats
+        with self._stats_lock:
+            self._last_stats = stats
+        return output
 
     @property
-    def stats(self) -> dict[str, list[dict]]:
-        """What the last ``generate`` ran: per pass (raw), and ``summary``: per scale and per sample the tokens
-        computed, whether the unconditional half ran, Delta/gamma of the CFG guard, and the estimated cost
-        against the baseline (token-rows computed / the baseline's; measured FLOPs after ``measure_flops``)."""
-        per_pass = {p.name: runtime.stats for p, runtime in zip([p for p in self.passes if hasattr(p, "runtime")],
-                                                                 self._runtimes)}
-        if self._last_key is not None and self._runtimes:
-            per_pass["summary"] = _summary(self._captured[self._last_key], per_pass, self.last_flops)
-        return per_pass
+    def stats(self) -> dict[str, Any]:
+        """What the last completed ``generate`` ran (``{}`` before any, or without passes): per pass (raw), and
+        ``summary``: per scale and per sample the tokens computed, whether the unconditional half ran,
+        Delta/gamma of the CFG guard, and the cost against the baseline (token-rows computed, kept and
+        padding, / the baseline's; measured FLOPs after ``measure_flops``). Each output carries its own call's
+        stats as ``out.stats``; with several threads, use those."""
+        with self._stats_lock:
+            stats = self._last_stats
+        if not self.last_flops or "summary" not in stats:
+            return stats
+        flops = self.last_flops
+        summary = [dict(entry, flops=flops["optimized"][entry["scale"]],
+                        flops_baseline=flops["baseline"][entry["scale"]]) for entry in stats["summary"]]
+        return {**stats, "summary": summary}
 
     @property
     def report(self):
@@ -97,25 +137,41 @@ class OptimizedModel:
         return export_captured(self._current(), directory, **options)
 
 
-def _summary(captured: CapturedModel, per_pass: dict[str, list[dict]], flops: Optional[dict]) -> list[dict]:
-    lhep = {s["scale"]: s["kept"] for s in per_pass.get("lhep", [])}
+def _rows(captured: CapturedModel) -> int:
+    """Batch rows the scale graphs were captured for (2B with CFG)."""
+    return next(n for n in captured.scales[0].module.graph.nodes if n.op == "placeholder").meta["val"].shape[0]
+
+
+def _summary(captured: CapturedModel, per_pass: dict[str, list[dict]]) -> list[dict]:
+    """Per scale: the token-rows computed, split into kept tokens and padding (LHEP pads every running row to the
+    widest sample's kept count), against the baseline's; per sample what it kept.
+
+    ``work_vs_baseline`` is what ran (padding included); ``work_vs_baseline_unpadded`` is what an unpadded run
+    would compute, the FLOP ideal. A running row is every conditional row plus each unconditional row SATS
+    still runs; without CFG, one row per sample.
+    """
+    lhep = {s["scale"]: s for s in per_pass.get("lhep", [])}
     sats = {s["scale"]: s for s in per_pass.get("sats", [])}
     batch = captured.plan.cfg_batch
-    rows = next(n for n in captured.scales[0].module.graph.nodes if n.op == "placeholder").meta["val"].shape[0]
+    rows = _rows(captured)
     samples = batch or rows
     summary = []
     for scale in captured.scales:
-        kept = lhep.get(scale.index) or [scale.tokens] * samples
+        pruned = lhep.get(scale.index, {})
+        kept = pruned.get("kept") or [scale.tokens] * samples
+        width = pruned.get("width") or max(kept)  # the padded token count every running row computes
         guard = sats.get(scale.index, {})
         uncond = guard.get("uncond_ran", [batch is not None] * samples)
-        per_sample = [{"tokens_computed": k, "uncond_ran": bool(u),
+        sample_rows = [1 + int(u) for u in uncond]
+        kept_rows = sum(k * r for k, r in zip(kept, sample_rows))
+        computed = width * sum(sample_rows)
+        baseline = scale.tokens * rows
+        per_sample = [{"tokens_computed": k, "padding_per_row": width - k, "uncond_ran": bool(u),
                        "delta": (guard.get("delta") or [None] * samples)[i],
-                       "gamma": (guard.get("gamma") or [None] * samples)[i]} for i, (k, u) in enumerate(zip(kept, uncond))]
-        computed = sum(k * (1 + int(u)) for k, u in zip(kept, uncond)) if batch else sum(kept)
-        entry = {"scale": scale.index, "tokens": scale.tokens, "samples": per_sample,
-                 "token_rows": computed, "token_rows_baseline": scale.tokens * rows,
-                 "work_vs_baseline": computed / (scale.tokens * rows)}
-        if flops:
-            entry["flops"], entry["flops_baseline"] = flops["optimized"][scale.index], flops["baseline"][scale.index]
-        summary.append(entry)
+                       "gamma": (guard.get("gamma") or [None] * samples)[i]}
+                      for i, (k, u) in enumerate(zip(kept, uncond))]
+        summary.append({"scale": scale.index, "tokens": scale.tokens, "width": width, "rows": sum(sample_rows),
+                        "samples": per_sample, "token_rows": computed, "token_rows_kept": kept_rows,
+                        "token_rows_padding": computed - kept_rows, "token_rows_baseline": baseline,
+                        "work_vs_baseline": computed / baseline, "work_vs_baseline_unpadded": kept_rows / baseline})
     return summary

@@ -1,15 +1,21 @@
 """Export for inspection: readable Python, DOT/SVG drawings, ONNX of one scale step, and a manifest.
 
 ONNX: the chosen scale's graph is copied, opaque ops are replaced by the adapter's plain-torch
-decompositions, the token count is made symbolic (``capture.dynamic``), and the result goes through
-``torch.onnx.export(dynamo=True)`` with a dynamic token dimension. The file is checked with
-``onnx.checker.check_model(full_check=True)`` and run in onnxruntime against PyTorch at two token counts.
+decompositions and the functions passes inserted by their traceable forms (``rewrite.export_form``), and the
+result goes through ``torch.onnx.export(dynamo=True)``. A graph no pass rewrote gets a dynamic token dimension
+(the token count made symbolic by ``capture.dynamic``) and is checked at two token counts; a rewritten one keeps
+the scale's token count as input (LHEP ranks the scale's grid) and its data-dependent sizes (kept tokens,
+running rows) stay dynamic inside: it is checked on the passes' example inputs (e.g. every CFG row running, then
+one dropped; two residuals keeping different token counts). The file is checked with
+``onnx.checker.check_model(full_check=True)`` and run in onnxruntime against the PyTorch graph; the PyTorch
+copy with traceable forms is also compared with the graph as it runs.
 """
 from __future__ import annotations
 
 import copy
 import html
 import json
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -19,9 +25,10 @@ import torch.fx
 
 from .capture import CapturedModel, ScaleGraph
 from .capture.dynamic import generalize_token_count
-from .errors import GraphsurgeonError
+from .errors import ConfigError, GraphsurgeonError
 from .graph_view import describe_target
 from .meta import annotations
+from .rewrite import EXPORT_FORMS, example_value
 
 MANIFEST_SCHEMA_VERSION = 1
 _ROLE_COLOURS = {"token_side_input": "#fde2b8", "kv_cache_append": "#cfe3ff", "token_count": "#e2f0d9"}
@@ -77,22 +84,59 @@ def to_svg(module: torch.fx.GraphModule) -> str:
     return "\n".join(parts)
 
 
-def _export_copy(scale: ScaleGraph, decompositions: dict) -> torch.fx.GraphModule:
-    """A copy of the scale graph with opaque ops decomposed and the token count symbolic."""
-    module = torch.fx.GraphModule(scale.module, copy.deepcopy(scale.module.graph))
+def rewritten_by_passes(module: torch.fx.GraphModule) -> dict[str, dict[str, int]]:
+    """Nodes a pass inserted, counted per pass and role (what the manifest lists)."""
+    inserted: dict[str, Counter] = defaultdict(Counter)
     for node in module.graph.nodes:
-        if node.op == "call_function" and node.target in decompositions:
-            node.target = decompositions[node.target]
-    generalize_token_count(module, scale.token_input, scale.token_axis, scale.tokens)
+        info = annotations(node)
+        if "pass" in info:
+            inserted[info["pass"]][str(info.get("role", ""))] += 1
+    return {name: dict(counts) for name, counts in sorted(inserted.items())}
+
+
+def attention_math(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                   dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                   enable_gqa: bool = False) -> torch.Tensor:
+    """Scaled dot-product attention as plain matmul/softmax. In a rewritten graph the query and key lengths are
+    data-dependent sizes, on which torch's fused attention selects its kernel; export traces this instead."""
+    if dropout_p or is_causal or enable_gqa:
+        raise GraphsurgeonError("export of a rewritten graph supports attention without dropout, causal mask or GQA")
+    scores = query @ key.transpose(-2, -1) * (query.shape[-1] ** -0.5 if scale is None else scale)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return scores.softmax(dim=-1) @ value
+
+
+def _export_copy(scale: ScaleGraph, decompositions: dict) -> torch.fx.GraphModule:
+    """A copy of the scale graph with opaque ops decomposed, inserted functions in traceable form, and (when no
+    pass rewrote it) the token count symbolic."""
+    module = torch.fx.GraphModule(scale.module, copy.deepcopy(scale.module.graph))
+    replacements = {**EXPORT_FORMS, **decompositions}
+    for node in module.graph.nodes:
+        if node.op == "call_function" and node.target in replacements:
+            node.target = replacements[node.target]
+    if not rewritten_by_passes(module):
+        generalize_token_count(module, scale.token_input, scale.token_axis, scale.tokens)
+    else:
+        for node in module.graph.nodes:
+            if node.op == "call_function" and node.target is torch.nn.functional.scaled_dot_product_attention:
+                node.target = attention_math
+    module.recompile()
     return module
 
 
 def _example_inputs(module: torch.fx.GraphModule, tokens: int, token_input: str, token_axis: int,
-                    real: dict[str, torch.Tensor], seed: int = 0) -> list[torch.Tensor]:
+                    real: dict[str, torch.Tensor], seed: int = 0, variant: int = 0) -> list[torch.Tensor]:
+    """Inputs to run the graph on: real values where the adapter or a pass gave them (offsets, row indices,
+    flags: ``variant`` picks among a pass's examples), seeded random numbers elsewhere."""
     generator = torch.Generator().manual_seed(seed)
     inputs = []
     for node in module.graph.nodes:
         if node.op != "placeholder":
+            continue
+        given = example_value(node, variant)
+        if given is not None:
+            inputs.append(given)
             continue
         if node.target in real:
             inputs.append(real[node.target])
@@ -113,8 +157,11 @@ def export_onnx(captured: CapturedModel, scale_index: int, path: Union[str, Path
     module = _export_copy(scale, captured.plan.export_decompositions)
     inputs = _example_inputs(module, scale.tokens, scale.token_input, scale.token_axis, captured.example_values)
     names = [n.target for n in module.graph.nodes if n.op == "placeholder"]
-    tokens_dim = torch.export.Dim("tokens", min=2, max=max(2 * scale.tokens, 4))
-    dynamic = tuple({scale.token_axis: tokens_dim} if name == scale.token_input else None for name in names)
+    inserted = rewritten_by_passes(module)
+    dynamic = None
+    if not inserted:
+        tokens_dim = torch.export.Dim("tokens", min=2, max=max(2 * scale.tokens, 4))
+        dynamic = tuple({scale.token_axis: tokens_dim} if name == scale.token_input else None for name in names)
     with torch.no_grad():
         try:
             program = torch.onnx.export(module, tuple(inputs), dynamo=True, dynamic_shapes=dynamic,
@@ -127,7 +174,7 @@ def export_onnx(captured: CapturedModel, scale_index: int, path: Union[str, Path
         "file": Path(path).name, "scale": scale_index, "grid": list(scale.grid),
         "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
         "op_histogram": dict(Counter(n.op_type for n in model.graph.node).most_common()),
-        "inputs": names, "outputs": scale.output_names + scale.state_outputs,
+        "inputs": names, "outputs": scale.output_names + scale.state_outputs, "inserted_by_passes": inserted,
         "dynamic_dims": {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim if d.dim_param]
                          for i in list(model.graph.input) + list(model.graph.output)
                          if any(d.dim_param for d in i.type.tensor_type.shape.dim)},
@@ -135,44 +182,96 @@ def export_onnx(captured: CapturedModel, scale_index: int, path: Union[str, Path
     if check:
         onnx.checker.check_model(model, full_check=True)
         entry["checker"] = "onnx.checker.check_model(full_check=True): passed"
-        entry["onnxruntime"] = _compare_with_onnxruntime(path, module, scale, captured.example_values)
+        entry["onnxruntime"] = _compare_with_onnxruntime(path, module, scale, captured.example_values, bool(inserted))
     return entry
 
 
-def _compare_with_onnxruntime(path, module: torch.fx.GraphModule, scale: ScaleGraph, real: dict) -> list[dict[str, Any]]:
+def _compare_with_onnxruntime(path, module: torch.fx.GraphModule, scale: ScaleGraph, real: dict,
+                              rewritten: bool) -> list[dict[str, Any]]:
+    """onnxruntime against the PyTorch export copy: at two token counts, or (a rewritten graph) on the passes'
+    two example variants, where the copy is also compared with the graph as it runs (its own functions)."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     results = []
-    for tokens in (scale.tokens, max(2, scale.tokens // 2)):
-        inputs = _example_inputs(module, tokens, scale.token_input, scale.token_axis, real, seed=tokens)
+    cases = [(scale.tokens, 0), (scale.tokens, 1)] if rewritten else [(scale.tokens, 0), (max(2, scale.tokens // 2), 0)]
+    for tokens, variant in cases:
+        inputs = _example_inputs(module, tokens, scale.token_input, scale.token_axis, real, seed=tokens, variant=variant)
         with torch.no_grad():
             expected = module(*[t.clone() for t in inputs])
         got = session.run(None, {name: t.numpy() for name, t in zip(names, inputs)})
-        pairs = [(torch.from_numpy(g), e) for g, e in zip(got, expected)]
-        results.append({"tokens": tokens, "outputs": len(got),
-                         "max_abs_err": max(float((g - e).abs().max()) for g, e in pairs),
-                         "max_rel_l2": max(float((g - e).norm() / e.norm().clamp_min(1e-30)) for g, e in pairs)})
+        result = {"tokens": tokens, "outputs": len(got), **_errors(got, expected)}
+        if rewritten:
+            with torch.no_grad():
+                ran = scale.module(*[t.clone() for t in inputs])
+            result["variant"] = variant
+            result["vs_graph"] = _errors([r.numpy() for r in ran], expected)
+        results.append(result)
     return results
+
+
+def _errors(got: list, expected: list[torch.Tensor]) -> dict[str, float]:
+    """Largest absolute error and relative L2 over outputs (non-float outputs: compared exactly, as 0 or inf)."""
+    pairs = [(torch.from_numpy(g).double(), e.double()) for g, e in zip(got, expected)]
+    if any(g.shape != e.shape for g, e in pairs):
+        return {"max_abs_err": float("inf"), "max_rel_l2": float("inf")}
+    pairs = [(torch.nan_to_num(g, nan=0.0), torch.nan_to_num(e, nan=0.0)) for g, e in pairs]
+    return {"max_abs_err": max((float((g - e).abs().max()) if g.numel() else 0.0) for g, e in pairs),
+            "max_rel_l2": max(float((g - e).norm() / e.norm().clamp_min(1e-30)) for g, e in pairs)}
+
+
+_EXPORTED_FILE = re.compile(r"^(manifest\.json|[a-z_]+_\d+\.(py|dot|svg|onnx|onnx\.data))$")
+
+
+def resolve_onnx_scale(onnx_scale: int, n_scales: int) -> int:
+    """The scale index ``onnx_scale`` names (negative: from the end); a ConfigError when out of range."""
+    if not -n_scales <= onnx_scale < n_scales:
+        raise ConfigError(f"onnx_scale={onnx_scale} is outside the {n_scales} scales (valid: {-n_scales}..{n_scales - 1})")
+    return onnx_scale % n_scales
+
+
+def prepare_export_directory(directory: Union[str, Path]) -> Path:
+    """Create ``directory``, or empty it of an earlier export's files (others are left); refuse a file."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"export directory {directory} is an existing file")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"export directory {directory} cannot be created: {err.strerror}") from None
+    for path in directory.iterdir():
+        if path.is_file() and _EXPORTED_FILE.match(path.name):
+            path.unlink()
+    return directory
+
+
+def _write_graph(directory: Path, stem: str, module: torch.fx.GraphModule) -> list[str]:
+    (directory / f"{stem}.py").write_text(module.print_readable(print_output=False))
+    (directory / f"{stem}.dot").write_text(to_dot(module, stem))
+    (directory / f"{stem}.svg").write_text(to_svg(module))
+    return [f"{stem}.py", f"{stem}.dot", f"{stem}.svg"]
 
 
 def export_captured(captured: CapturedModel, directory: Union[str, Path], onnx_scale: Optional[int] = -1,
                     check: bool = True) -> dict[str, Any]:
-    """Write every scale graph as readable Python, DOT and SVG, one scale as ONNX, and ``manifest.json``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write every scale graph (and every region graph, e.g. the residual step) as readable Python, DOT and
+    SVG, one scale as ONNX, and ``manifest.json`` listing per graph the nodes passes inserted. Files of an
+    earlier export in ``directory`` are removed first, so none is left stale beside the new manifest."""
+    index = resolve_onnx_scale(onnx_scale, len(captured.scales)) if onnx_scale is not None else None
+    directory = prepare_export_directory(directory)
     graphs = []
     for scale in captured.scales:
-        stem = f"scale_{scale.index:02d}"
-        (directory / f"{stem}.py").write_text(scale.module.print_readable(print_output=False))
-        (directory / f"{stem}.dot").write_text(to_dot(scale.module, stem))
-        (directory / f"{stem}.svg").write_text(to_svg(scale.module))
         graphs.append({"scale": scale.index, "grid": list(scale.grid), "tokens": scale.tokens,
-                       "nodes": len(scale.module.graph.nodes), "files": [f"{stem}.py", f"{stem}.dot", f"{stem}.svg"]})
-    manifest: dict[str, Any] = {"schema_version": MANIFEST_SCHEMA_VERSION, "torch": torch.__version__, "graphs": graphs}
-    if onnx_scale is not None:
-        index = onnx_scale % len(captured.scales)
+                       "nodes": len(scale.module.graph.nodes), "inserted_by_passes": rewritten_by_passes(scale.module),
+                       "files": _write_graph(directory, f"scale_{scale.index:02d}", scale.module)})
+    regions = {name: [{"scale": graph.index, "nodes": len(graph.module.graph.nodes),
+                       "inserted_by_passes": rewritten_by_passes(graph.module),
+                       "files": _write_graph(directory, f"{name}_{graph.index:02d}", graph.module)} for graph in region]
+               for name, region in captured.regions.items()}
+    manifest: dict[str, Any] = {"schema_version": MANIFEST_SCHEMA_VERSION, "torch": torch.__version__, "graphs": graphs,
+                                "regions": regions}
+    if index is not None:
         manifest["onnx"] = export_onnx(captured, index, directory / f"scale_{index:02d}.onnx", check=check)
     (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

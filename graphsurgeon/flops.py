@@ -54,8 +54,8 @@ def measure_flops(fast, baseline_flops: Optional[list[int]] = None, **generate_k
     finally:
         fast.extra_runtimes = []
     optimized = counter.per_scale()
-    summary = fast.stats.get("summary")  # token-rows each scale needed vs the baseline's, per the passes' runtimes
-    ideal = [round(b * s["work_vs_baseline"]) for b, s in zip(base, summary)] if summary else list(base)
+    summary = fast.stats.get("summary")  # kept token-rows vs the baseline's: an unpadded run's work
+    ideal = [round(b * s["work_vs_baseline_unpadded"]) for b, s in zip(base, summary)] if summary else list(base)
     fast.last_flops = {"baseline": base, "optimized": optimized, "ideal": ideal,
                        "total": {"baseline": sum(base), "optimized": sum(optimized), "ideal": sum(ideal)},
                        "ratio": {"optimized_vs_baseline": sum(optimized) / sum(base),

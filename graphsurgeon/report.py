@@ -40,7 +40,7 @@ def graph_diff(before: dict[str, tuple[str, ...]], module: torch.fx.GraphModule)
 def build_report(fast, flops: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     captured = fast._current()
     snapshots = fast._snapshots[fast._last_key]
-    stats = fast.stats if fast._runtimes else {}
+    stats = fast.stats
     kept = {s["scale"]: s["kept"] for s in stats.get("lhep", [])}
     rows = {s["scale"]: s["rows"] for s in stats.get("sats", [])}
     scales = []

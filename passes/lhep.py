@@ -14,7 +14,11 @@ Choices where the paper is silent (also in docs/passes.md):
 - odd grids (h or w odd, e.g. 27 in the 1.333 schedule) are padded by repeating the last row/column before the
   stride-2 transform;
 - the resize to the token grid is bilinear (align_corners=False): E is smooth after pooling;
-- a residual with no high-frequency energy at all keeps every token (nothing to rank, so nothing is skipped).
+- a residual with no high-frequency energy at all keeps every token (nothing to rank, so nothing is skipped);
+- ``rho = 1`` keeps every token, flat (zero-energy) ones included: it is the user's off switch, so it must give
+  the unpruned model bit for bit. The paper's literal rule would drop tokens of zero energy (they add nothing
+  to the cumulative sum); below 1 the literal rule applies, summed in float64 so that tiny energies are not
+  absorbed by float32 rounding and the threshold does not depend on the summation order.
 """
 from __future__ import annotations
 
@@ -29,8 +33,9 @@ import operator
 from graphsurgeon.capture.dynamic import generalize_axis
 from graphsurgeon.capture.token_axes import propagate_axis
 from graphsurgeon.errors import ConfigError
-from graphsurgeon.meta import annotate, annotations
+from graphsurgeon.meta import annotations
 from graphsurgeon.passes import GraphPass, PassConfig, register_pass
+from graphsurgeon.rewrite import TOKEN_VALIDITY_ARG, add_input, export_form, tag
 
 _HAAR_HIGH = 0.5 * torch.tensor([
     [[-1.0, 1.0], [-1.0, 1.0]],  # LH
@@ -58,14 +63,17 @@ def energy_map(residual: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def keep_mask(energy: torch.Tensor, rho: float) -> torch.Tensor:
-    """(B, n) energies -> (B, n) bool: per row, the smallest set holding >= rho of the energy (ties kept)."""
-    values, _ = energy.sort(dim=-1, descending=True)
+    """(B, n) energies -> (B, n) bool: per row, the smallest set holding >= rho of the energy (ties kept);
+    every token at ``rho >= 1`` (see the module docstring)."""
+    if rho >= 1.0:
+        return torch.ones_like(energy, dtype=torch.bool)
+    values, _ = energy.double().sort(dim=-1, descending=True)
     cumulative = values.cumsum(dim=-1)
     total = cumulative[:, -1:]
     reached = cumulative >= rho * total
     first = reached.float().argmax(dim=-1, keepdim=True)  # the first position reaching rho (always exists)
     threshold = values.gather(-1, first)
-    return energy >= threshold
+    return energy.double() >= threshold
 
 
 def fixed_keep_mask(energy: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -73,6 +81,14 @@ def fixed_keep_mask(energy: torch.Tensor, fraction: float) -> torch.Tensor:
     (equal energies: the earlier position first). A fixed operating point for benchmarks, not the paper's rule."""
     count = max(1, round(fraction * energy.shape[-1]))
     order = torch.sort(energy, dim=-1, descending=True, stable=True).indices[:, :count]
+    return torch.zeros_like(energy, dtype=torch.bool).scatter(-1, order, True)
+
+
+@export_form(fixed_keep_mask)
+def fixed_keep_mask_traceable(energy: torch.Tensor, fraction: float) -> torch.Tensor:
+    """:func:`fixed_keep_mask` by top-k (ONNX TopK breaks ties by position, as the stable sort does)."""
+    count = max(1, round(fraction * energy.shape[-1]))
+    order = energy.topk(count, dim=-1).indices
     return torch.zeros_like(energy, dtype=torch.bool).scatter(-1, order, True)
 
 
@@ -123,11 +139,21 @@ class LHEP(GraphPass):
             rule = None
             if scale.index in lhep_scales:
                 rule = (fixed_keep_mask, fixed[scale.index]) if fixed else (keep_mask, self.config.rho)
-            edits.append(_rewrite_scale(scale, batch, total_rows, rule))
+            example = self.previous_codes_example(captured, scale.index) if rule else None
+            edits.append(_rewrite_scale(scale, batch, total_rows, rule, example))
         residual = captured.regions["residual"]
         for graph in residual[first - 1:]:
             edits.append(_rewrite_residual(graph, captured.scales[graph.index].grid, graph.index in lhep_scales))
         return edits
+
+    @staticmethod
+    def previous_codes_example(captured, scale_index: int) -> torch.Tensor:
+        """Example R_{k-1} for export: the previous residual step's codes, random on its shape, with a flat
+        (zero) quarter so that the two export checks keep different token counts."""
+        graph = captured.regions["residual"][scale_index - 1]
+        output = next(n for n in reversed(graph.module.graph.nodes) if n.op == "output")
+        value = output.args[0][graph.output_names.index("codes")].meta["val"]
+        return torch.randn(value.shape, generator=torch.Generator().manual_seed(scale_index)).to(value.dtype)
 
     def fixed_fractions(self, n_scales: int, lhep_scales: tuple[int, ...]) -> Optional[dict[int, float]]:
         """The benchmark-only kept fraction per LHEP scale, or None (the rho rule). It must name every LHEP scale."""
@@ -151,27 +177,45 @@ def _nodes(graph: torch.fx.Graph) -> dict[str, torch.fx.Node]:
 
 
 def _tag(node: torch.fx.Node, role: str) -> torch.fx.Node:
-    annotate(node, **{"pass": "lhep", "role": role})
-    return node
+    return tag(node, "lhep", role)
 
 
-def _rewrite_scale(scale, batch: int, total_rows: int, rule: Optional[tuple]) -> dict:
+def _first_attention(scale) -> torch.fx.Node:
+    attention = [n for n in scale.module.graph.nodes if n.target is F.scaled_dot_product_attention]
+    if not attention:
+        raise ConfigError(f"pass 'lhep': scale {scale.index} has no scaled_dot_product_attention to mask")
+    return attention[0]
+
+
+def _history_examples(scale, total_rows: int) -> list[torch.Tensor]:
+    """Key-validity records for export: every earlier key valid, and one with every third one hidden."""
+    first = _first_attention(scale)
+    key = first.args[1] if len(first.args) > 1 else first.kwargs["key"]
+    earlier = key.meta["val"].shape[-2] - scale.tokens  # the cache holds the earlier scales' keys
+    all_valid = torch.ones(total_rows, earlier, dtype=torch.bool)
+    some_hidden = all_valid.clone()
+    some_hidden[:, 1::3] = False
+    return [all_valid, some_hidden]
+
+
+def _rewrite_scale(scale, batch: int, total_rows: int, rule: Optional[tuple], previous_example=None) -> dict:
     """``rule``: (mask function, its parameter) at an LHEP scale; None at later-scale graphs that only need the
-    attention mask and the key-validity record."""
+    attention mask and the key-validity record. ``previous_example``: an example R_{k-1} (export)."""
     module, graph = scale.module, scale.module.graph
     nodes = _nodes(graph)
     tokens = nodes[scale.aliases.get(scale.token_input, scale.token_input)]
     active = nodes[scale.active_rows] if scale.active_rows else None
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    with graph.inserting_after(placeholders[-1]):
-        history = graph.placeholder("lhep_history")
-    added = [_tag(history, "kv_validity_input")]
+    history = add_input(graph, "lhep_history", placeholders[-1], "lhep", "kv_validity_input",
+                        _history_examples(scale, total_rows))
+    added = [history]
     scale.input_names = scale.input_names + ["lhep_history"]
     anchor = tokens if tokens.op != "placeholder" else history
     valid = index = keep = None
     if rule is not None:
-        with graph.inserting_after(history):
-            previous = _tag(graph.placeholder("lhep_prev_codes"), "residual_input")
+        flat = previous_example.clone()
+        flat[..., : flat.shape[-1] // 2] = 0  # a flat region: fewer tokens kept in the second check
+        previous = add_input(graph, "lhep_prev_codes", history, "lhep", "residual_input", [previous_example, flat])
         scale.input_names = scale.input_names + ["lhep_prev_codes"]
         anchor = tokens if tokens.op != "placeholder" else previous
         grid = tuple(scale.grid[-2:])
@@ -219,9 +263,7 @@ def _rewrite_scale(scale, batch: int, total_rows: int, rule: Optional[tuple]) ->
     else:
         changed = []
     attention = [n for n in graph.nodes if n.target is F.scaled_dot_product_attention]
-    if not attention:
-        raise ConfigError(f"pass 'lhep': scale {scale.index} has no scaled_dot_product_attention to mask")
-    first = attention[0]
+    first = _first_attention(scale)
     key = first.args[1] if len(first.args) > 1 else first.kwargs["key"]
     with graph.inserting_before(first):
         mask = _tag(graph.call_function(attention_mask, (key, valid, history, active)), "attention_mask")
@@ -235,6 +277,7 @@ def _rewrite_scale(scale, batch: int, total_rows: int, rule: Optional[tuple]) ->
         new_history = _tag(graph.call_function(extend_history, (history, valid, active, total_rows, key)), "kv_validity")
         extras, names = [new_history], ["lhep_history_out"]
         if index is not None:
+            _fill_token_validity(graph, valid)
             full = _tag(graph.call_function(scatter_tokens, (logits, index, valid, scale.tokens)), "scatter_logits")
             values[0] = full
             extras.append(keep)
@@ -248,6 +291,16 @@ def _rewrite_scale(scale, batch: int, total_rows: int, rule: Optional[tuple]) ->
     module.recompile()
     return {"pass": "lhep", "region": "scale", "scale": scale.index, "added": [n.name for n in added],
             "generalized": changed, "rewired": [tokens.name] if index is not None else []}
+
+
+def _fill_token_validity(graph: torch.fx.Graph, valid: torch.fx.Node) -> None:
+    """Nodes that reduce over the (now padded) token positions get each row's validity (rewrite.TOKEN_VALIDITY_ARG)."""
+    for node in graph.nodes:
+        position = annotations(node).get(TOKEN_VALIDITY_ARG)
+        if position is not None:
+            args = list(node.args)
+            args[position] = valid
+            node.args = tuple(args)
 
 
 def _expression(node: torch.fx.Node, mutated: set, memo: dict) -> Optional[tuple]:
@@ -276,10 +329,12 @@ def _rewrite_residual(scale, grid: tuple, prune: bool) -> dict:
     result, added = bits, []
     if prune:
         last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-        with graph.inserting_after(last):
-            keep = _tag(graph.placeholder("lhep_keep"), "mask_input")
-        with graph.inserting_after(keep):
-            previous = _tag(graph.placeholder("lhep_prev_bits"), "residual_input")
+        value = bits.meta["val"]
+        generator = torch.Generator().manual_seed(scale.index)
+        keep_example = torch.rand(value.shape[0], grid[-2] * grid[-1], generator=generator) < 0.5
+        keep = add_input(graph, "lhep_keep", last, "lhep", "mask_input", [keep_example])
+        bits_example = torch.randint(0, 2, tuple(value.shape), generator=generator).to(value.dtype)
+        previous = add_input(graph, "lhep_prev_bits", keep, "lhep", "residual_input", [bits_example])
         with graph.inserting_after(previous):
             result = _tag(graph.call_function(residual_scatter, (bits, keep, previous, tuple(grid[-2:]))), "scatter_residual")
         bits.replace_all_uses_with(result, delete_user_cb=lambda user: user is not result)
@@ -314,7 +369,8 @@ class LHEPRuntime:
         self.history = outputs.get("lhep_history_out", self.history)
         self.keep = outputs.get("lhep_keep")
         kept = self.keep.sum(dim=1).tolist() if self.keep is not None else None
-        self.stats.append({"scale": scale, "tokens": self.tokens[scale], "kept": kept})
+        width = max(kept) if kept else None  # every row that runs computes this many token positions (padding)
+        self.stats.append({"scale": scale, "tokens": self.tokens[scale], "kept": kept, "width": width})
 
 
 # -- nodes the rewrite inserts ----------------------------------------------------------------------------
@@ -340,15 +396,52 @@ def select_tokens(keep: torch.Tensor, rows: Optional[torch.Tensor], batch: int, 
     return index, valid
 
 
+@export_form(select_tokens)
+def select_tokens_traceable(keep: torch.Tensor, rows: Optional[torch.Tensor], batch: int, tokens: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`select_tokens` for torch.export / ONNX: the same permutation from cumulative counts (ONNX has
+    no stable sort), the width as a data-dependent size."""
+    rows = _rows(rows, tokens)
+    counts = keep.sum(dim=1)
+    width = counts.max().item()
+    torch._check(width >= 1)
+    torch._check(width <= keep.shape[1])
+    flags = keep.long()
+    rank = torch.where(keep, flags.cumsum(dim=1) - 1, counts[:, None] + (1 - flags).cumsum(dim=1) - 1)
+    positions = torch.arange(keep.shape[1], device=keep.device).expand_as(rank).contiguous()
+    order = torch.zeros_like(rank).scatter(1, rank, positions)
+    samples = rows % batch
+    index = order[:, :width].index_select(0, samples)
+    valid = (torch.arange(width, device=keep.device)[None, :] < counts[:, None]).index_select(0, samples)
+    return index, valid
+
+
+def _with_row_axis(value: torch.Tensor, axis: int, row_axis: int) -> tuple[torch.Tensor, int, int]:
+    """A negative ``row_axis``: the value lacks that many leading dimensions; add them (size 1)."""
+    if row_axis < 0:
+        return value.reshape((1,) * -row_axis + tuple(value.shape)), axis - row_axis, 0
+    return value, axis, row_axis
+
+
 def gather_tokens(value: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, axis: int, row_axis: int) -> torch.Tensor:
     """Entries ``index`` (rows, K) of ``value`` along ``axis``, per row (``row_axis``; size 1 is broadcast;
     a negative ``row_axis`` means the value has that many leading dimensions fewer than the rows' tensor)."""
-    if row_axis < 0:
-        value = value.reshape((1,) * -row_axis + tuple(value.shape))
-        axis, row_axis = axis - row_axis, 0
+    value, axis, row_axis = _with_row_axis(value, axis, row_axis)
     if index.shape[1] == value.shape[axis] and bool(valid.all()) and bool(
             (index == torch.arange(index.shape[1], device=index.device)).all()):
         return value  # nothing pruned: the graph computes exactly what it did before
+    return _gather_rows(value, index, axis, row_axis)
+
+
+@export_form(gather_tokens)
+def gather_tokens_traceable(value: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, axis: int,
+                            row_axis: int) -> torch.Tensor:
+    """:func:`gather_tokens` without the data-dependent shortcut."""
+    value, axis, row_axis = _with_row_axis(value, axis, row_axis)
+    return _gather_rows(value, index, axis, row_axis)
+
+
+def _gather_rows(value: torch.Tensor, index: torch.Tensor, axis: int, row_axis: int) -> torch.Tensor:
     shape = list(value.shape)
     shape[row_axis] = index.shape[0]
     value = value.expand(shape)
@@ -363,6 +456,12 @@ def scatter_tokens(value: torch.Tensor, index: torch.Tensor, valid: torch.Tensor
     (padding is dropped, so a row's result does not depend on the other rows of the batch)."""
     if value.shape[1] == tokens and bool(valid.all()) and bool((index == torch.arange(tokens, device=index.device)).all()):
         return value
+    return scatter_tokens_traceable(value, index, valid, tokens)
+
+
+@export_form(scatter_tokens)
+def scatter_tokens_traceable(value: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, tokens: int) -> torch.Tensor:
+    """:func:`scatter_tokens` without the data-dependent shortcut."""
     out = value.new_zeros(value.shape[0], tokens, *value.shape[2:])
     kept = value.masked_fill(~valid.reshape(*valid.shape, *([1] * (value.dim() - 2))), 0)
     return out.scatter(1, index.reshape(*index.shape, *([1] * (value.dim() - 2))).expand_as(value), kept)
@@ -376,14 +475,30 @@ def attention_mask(key: torch.Tensor, valid: Optional[torch.Tensor], history: Op
                    rows: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Additive key mask (rows, 1, 1, L) hiding padded tokens of this scale and skipped ones of earlier
     scales; ``None`` (no mask) when every key is valid, so unpruned graphs stay exactly as captured."""
+    allowed = _allowed_keys(key, valid, history, rows)
+    if bool(allowed.all()):
+        return None
+    return _additive_mask(allowed, key)
+
+
+@export_form(attention_mask)
+def attention_mask_traceable(key: torch.Tensor, valid: Optional[torch.Tensor], history: Optional[torch.Tensor],
+                             rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`attention_mask` that always returns the mask (a zero mask when every key is valid)."""
+    return _additive_mask(_allowed_keys(key, valid, history, rows), key)
+
+
+def _allowed_keys(key: torch.Tensor, valid: Optional[torch.Tensor], history: Optional[torch.Tensor],
+                  rows: Optional[torch.Tensor]) -> torch.Tensor:
     rows = _rows(rows, key)
     length = key.shape[-2]
     current = valid if valid is not None else torch.ones(key.shape[0], 0, dtype=torch.bool, device=key.device)
     earlier = history.index_select(0, rows) if history is not None else torch.ones(
         rows.numel(), length - current.shape[1], dtype=torch.bool, device=key.device)
-    allowed = torch.cat([earlier, current], dim=1)
-    if bool(allowed.all()):
-        return None
+    return torch.cat([earlier, current], dim=1)
+
+
+def _additive_mask(allowed: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=key.dtype, device=key.device).masked_fill(~allowed, float("-inf"))[:, None, None, :]
 
 

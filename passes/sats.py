@@ -1,7 +1,10 @@
 """SATS (semantic-adaptive termination), LD-Pruning's "when to stop" for the unconditional CFG branch.
 
 At every SATS scale where a sample's two branches both ran, its discrepancy is
-``Delta_k = RMS(cond_logits - uncond_logits)`` over the scale's tokens and logits. The RMS (not the paper's
+``Delta_k = RMS(cond_logits - uncond_logits)`` over the scale's tokens and logits: every token of the scale,
+or at a scale where another pass computes a subset of the tokens (LHEP), the sample's own kept tokens only,
+never the padding that makes the rows of a batch equally long (so a sample's Delta does not depend on the
+other samples of its batch). The RMS (not the paper's
 plain L2 norm) keeps Delta independent of the token count, which grows from scale to scale and shrinks
 under LHEP. Then ``gamma_k = |Delta_k - Delta_prev| / (Delta_prev + eps)`` with Delta_prev from the previous
 scale where both branches ran; at the first such scale there is no Delta_prev and no stop (the paper's
@@ -23,11 +26,19 @@ from graphsurgeon.capture.token_axes import propagate_axis
 from graphsurgeon.errors import ConfigError
 from graphsurgeon.meta import annotate, annotations
 from graphsurgeon.passes import GraphPass, PassConfig, register_pass
+from graphsurgeon.rewrite import TOKEN_VALIDITY_ARG, add_input, export_form
 
 
-def branch_discrepancy(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
-    """(B, n, V) logits of both branches -> (B,) RMS of their difference."""
-    return (cond.float() - uncond.float()).pow(2).flatten(1).mean(dim=1).sqrt()
+def branch_discrepancy(cond: torch.Tensor, uncond: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, n, V) logits of both branches -> (B,) RMS of their difference, over the positions ``valid`` (B, n)
+    marks (all when None)."""
+    squared = (cond.float() - uncond.float()).pow(2)
+    if valid is None:
+        return squared.flatten(1).mean(dim=1).sqrt()
+    weights = valid.reshape(*valid.shape, *([1] * (squared.dim() - 2))).to(squared.dtype)
+    per_position = squared[0, 0].numel() if squared.dim() > 2 else 1
+    count = valid.sum(dim=1).to(squared.dtype) * per_position
+    return ((squared * weights).flatten(1).sum(dim=1) / count).sqrt()
 
 
 @dataclass
@@ -120,12 +131,11 @@ def _rewrite_scale(scale, batch: int, with_discrepancy: bool) -> dict:
     packed = [placeholders[name] for name in scale.packed_inputs]
     caches = [placeholders[name] for name in scale.state_inputs]
     last = list(placeholders.values())[-1]
-    with graph.inserting_after(last):
-        stopped = graph.placeholder("sats_stopped")
-    annotate(stopped, **{"pass": "sats", "role": "guard_input"})
-    with graph.inserting_after(stopped):
-        cache_rows = graph.placeholder("sats_cache_rows")
-    annotate(cache_rows, **{"pass": "sats", "role": "guard_input"})
+    none_stopped = torch.zeros(batch, dtype=torch.bool)
+    first_stopped = none_stopped.clone()
+    first_stopped[0] = True  # export checks the guard with every row running, then with a row dropped
+    stopped = add_input(graph, "sats_stopped", last, "sats", "guard_input", [none_stopped, first_stopped])
+    cache_rows = add_input(graph, "sats_cache_rows", stopped, "sats", "guard_input", [torch.arange(2 * batch)])
     with graph.inserting_after(cache_rows):
         guard = graph.call_function(cfg_branch_guard, (stopped, cache_rows, batch, tuple(rows), tuple(packed), tuple(caches)))
     annotate(guard, **{"pass": "sats", "role": "cfg_branch_guard"})
@@ -159,8 +169,8 @@ def _rewrite_scale(scale, batch: int, with_discrepancy: bool) -> dict:
     extras, names = [active], ["sats_active_rows"]
     if with_discrepancy:
         with graph.inserting_before(output_node):
-            delta = graph.call_function(guard_discrepancy, (values[0], active, batch))
-        annotate(delta, **{"pass": "sats", "role": "branch_discrepancy"})
+            delta = graph.call_function(guard_discrepancy, (values[0], active, batch, None))
+        annotate(delta, **{"pass": "sats", "role": "branch_discrepancy", TOKEN_VALIDITY_ARG: 3})
         extras.append(delta)
         names.append("sats_delta")
     output_node.args = (tuple(values[:len(values) - n_state] + extras + values[len(values) - n_state:]),)
@@ -270,13 +280,43 @@ def cfg_branch_guard(stopped: torch.Tensor, cache_rows: torch.Tensor, batch: int
     return (active, *selected_rows, values.index_select(0, torch.cat(segments)), new_offsets, *selected_caches)
 
 
-def guard_discrepancy(logits: torch.Tensor, active: torch.Tensor, batch: int) -> torch.Tensor:
-    """Delta per sample (B,) from the running rows' logits; NaN for samples whose unconditional row did not run."""
+@export_form(cfg_branch_guard)
+def cfg_branch_guard_traceable(stopped: torch.Tensor, cache_rows: torch.Tensor, batch: int, rows: tuple, packed: tuple,
+                               caches: tuple) -> tuple:
+    """:func:`cfg_branch_guard` in tensor operations only (no host copies, no shortcut), for torch.export / ONNX."""
+    active = running_rows(stopped, batch)
+    values, offsets = packed
+    lengths = offsets[1:] - offsets[:-1]
+    position = torch.arange(values.shape[0], device=values.device)
+    row_of_position = (position[:, None] >= offsets[None, 1:]).sum(dim=1)
+    is_running = torch.zeros(lengths.shape[0], dtype=torch.bool, device=values.device).index_fill(0, active, True)
+    text = values.index_select(0, is_running.index_select(0, row_of_position).nonzero().flatten())
+    new_offsets = torch.cat([offsets[:1], lengths.index_select(0, active).cumsum(dim=0).to(offsets.dtype)])
+    cache_position = (cache_rows[None, :] == active[:, None]).to(torch.int8).argmax(dim=1)
+    return (active, *(t.index_select(0, active) for t in rows), text, new_offsets,
+            *(c.index_select(0, cache_position) for c in caches))
+
+
+def guard_discrepancy(logits: torch.Tensor, active: torch.Tensor, batch: int,
+                      valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Delta per sample (B,) from the running rows' logits; NaN for samples whose unconditional row did not run.
+    ``valid`` (running rows, tokens): which token positions of each row are the sample's own (None: all)."""
     delta = torch.full((batch,), float("nan"), device=logits.device)
     running = active[batch:] - batch
     if running.numel():
-        delta[running] = branch_discrepancy(logits[:batch].index_select(0, running), logits[batch:]).to(delta.dtype)
+        own = valid[:batch].index_select(0, running) if valid is not None else None
+        delta[running] = branch_discrepancy(logits[:batch].index_select(0, running), logits[batch:], own).to(delta.dtype)
     return delta
+
+
+@export_form(guard_discrepancy)
+def guard_discrepancy_traceable(logits: torch.Tensor, active: torch.Tensor, batch: int,
+                                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`guard_discrepancy` without the branch on the number of running rows."""
+    running = active[batch:] - batch
+    own = valid[:batch].index_select(0, running) if valid is not None else None
+    values = branch_discrepancy(logits[:batch].index_select(0, running), logits[batch:], own)
+    return torch.full((batch,), float("nan"), device=logits.device).index_put((running,), values)
 
 
 def guided_mix(logits: torch.Tensor, active: torch.Tensor, batch: int, cfg: float) -> torch.Tensor:

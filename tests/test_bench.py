@@ -131,3 +131,30 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["schema_version"] == 1 and set(data["variants"]) == {"baseline", "lhep"} and data["mode"] == "adaptive"
     assert out.with_suffix(".md").read_text() in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("values, needle", [
+    (dict(pass_sets=("none", "lhep"), pass_config={"sats": {"delta": 0.1}}),
+     r"pass_config: .*settings for passes that are not enabled: \['sats'\]"),
+    (dict(pass_sets=("sats",), keep_fraction={4: 0.5}), "keep_fraction: .*fixes lhep but no pass set enables it"),
+    (dict(pass_sets=("lhep",), stop_scale=4), "stop_scale: .*fixes sats but no pass set enables it"),
+])
+def test_settings_for_passes_no_set_runs_are_refused(values, needle):
+    with pytest.raises(ConfigError, match=needle):
+        make_spec(**values)
+    make_spec(**dict(values, pass_sets=("lhep+sats",)))  # the same settings with the pass enabled are fine
+
+
+@pytest.mark.parametrize("values, needle", [
+    (dict(pass_sets=("sats",), stop_scale=99), "stop_scale=99"),
+    (dict(pass_sets=("lhep",), keep_fraction={99: 0.5}), "scale 99 is outside"),
+])
+def test_settings_the_schedule_refutes_fail_before_any_run(monkeypatch, values, needle):
+    def run(*_, **__):
+        raise AssertionError("a generation ran before the settings were checked")
+
+    monkeypatch.setattr("graphsurgeon.bench.runner.Variant.generate", run)
+    spec = make_spec(config="infinity-tiny", pn="0.06M", warmup=1, repeats=1, flops=False, inserted_timing=False,
+                     **values)
+    with pytest.raises(ConfigError, match=needle):
+        run_benchmark(spec, log=lambda *_: None)

@@ -77,3 +77,58 @@ def test_generalized_graph_equals_specialised_and_runs_other_counts():
     inputs[0] = inputs[0][:, :7]
     logits = generic(*inputs)[0]
     assert logits.shape == (4, 7, 64)
+
+
+@pytest.fixture(scope="module")
+def exported_with_passes(tmp_path_factory):
+    """LHEP + SATS on the tiny model; scale 4 is an LHEP and a SATS scale (gather, mask, scatter, guard)."""
+    model = build_infinity("infinity-tiny", seed=0)
+    set_text_attention_bf16(model, False)
+    fast = optimize(model, passes=["lhep", "sats"])
+    fast.capture(text=random_text([5, 9], 256), scale_schedule=SCHEDULE, cfg=3.0)
+    directory = tmp_path_factory.mktemp("export_passes")
+    return directory, fast, fast.export(directory, onnx_scale=4)
+
+
+def test_optimized_module_exports_with_what_the_passes_inserted(exported_with_passes):
+    directory, _, manifest = exported_with_passes
+    inserted = manifest["graphs"][4]["inserted_by_passes"]
+    assert {"gather", "select", "mask", "attention_mask", "scatter_logits"} <= set(inserted["lhep"])
+    assert {"cfg_branch_guard", "branch_discrepancy", "guard_input"} <= set(inserted["sats"])
+    assert manifest["graphs"][2]["inserted_by_passes"] == {}  # before the passes' scales: untouched
+    assert manifest["regions"]["residual"][4]["inserted_by_passes"]["lhep"]["scatter_residual"] == 1
+    code = (directory / "scale_04.py").read_text()
+    assert "cfg_branch_guard" in code and "gather_tokens" in code and "scatter_tokens" in code
+    assert "residual_scatter" in (directory / "residual_04.py").read_text()
+
+
+def test_onnx_of_a_rewritten_scale_matches_the_graph(exported_with_passes):
+    directory, _, manifest = exported_with_passes
+    entry = manifest["onnx"]
+    model = onnx.load(str(directory / entry["file"]))
+    onnx.checker.check_model(model, full_check=True)
+    assert "lhep_prev_codes" in entry["inputs"] and "sats_stopped" in entry["inputs"]
+    ops = entry["op_histogram"]
+    assert "NonZero" in ops and "GatherElements" in ops and "ScatterElements" in ops  # guard, gather, scatter
+    runs = entry["onnxruntime"]
+    assert [r["variant"] for r in runs] == [0, 1]  # all rows running / a row dropped, two kept-token counts
+    assert all(r["max_abs_err"] <= 1e-4 and r["vs_graph"]["max_abs_err"] <= 1e-4 for r in runs), runs
+
+
+def test_export_refuses_bad_targets_and_clears_an_earlier_export(exported_with_passes, tmp_path):
+    from graphsurgeon import ConfigError
+
+    _, fast, _ = exported_with_passes
+    with pytest.raises(ConfigError, match="onnx_scale=99 is outside the 7 scales"):
+        fast.export(tmp_path / "new", onnx_scale=99)
+    assert not (tmp_path / "new").exists()  # refused before anything was written
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is an existing file"):
+        fast.export(tmp_path / "file", onnx_scale=None)
+    folder = tmp_path / "again"
+    folder.mkdir()
+    (folder / "scale_09.py").write_text("stale")  # from a longer schedule's export
+    (folder / "notes.txt").write_text("mine")
+    fast.export(folder, onnx_scale=None)
+    assert not (folder / "scale_09.py").exists() and (folder / "notes.txt").read_text() == "mine"
+    assert (folder / "scale_06.py").exists() and not list(folder.glob("*.onnx"))

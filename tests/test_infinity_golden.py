@@ -46,12 +46,19 @@ def test_random_draws_follow_the_official_order(golden):
 
 
 def test_free_run_reproduces_official_bits(golden, golden_model, golden_text):
-    """Same seed, no forcing: only bits whose probability sits within float noise of a threshold may differ."""
+    """Same seed, no forcing: only bits whose probability sits within float noise of a threshold may differ.
+
+    Such a bit depends on the CPU's kernels (measured: none on the machine that made the golden, 1 of 2304 at
+    scale 3 on an AVX2 EPYC), so the bound is on all bits of the 6 scales (1 in 2000), not per scale, where one
+    flip in a small scale would exceed any sensible rate. The first three scales must match exactly.
+    """
     out = get_adapter("infinity").generate(
         golden_model, text=golden_text, scale_schedule=golden["scale_schedule"], cfg=golden["cfg"], tau=golden["tau"],
         top_k=golden["top_k"], top_p=golden["top_p"], seed=golden["g_seed"], num_scales=6)
-    for ours, ref in zip(out.bits, golden["sampled_bits"]):
-        assert (ours != ref).float().mean().item() < 1e-4
+    pairs = list(zip(out.bits, golden["sampled_bits"]))
+    assert all(torch.equal(ours, ref) for ours, ref in pairs[:3])
+    differing = sum(int((ours != ref).sum()) for ours, ref in pairs)
+    assert differing <= sum(ref.numel() for _, ref in pairs) / 2000, differing
 
 
 EARLY = 6  # scales 0-5: enough to exercise RoPE (2x2 onwards), CFG and the text path, in well under a second

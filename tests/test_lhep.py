@@ -101,7 +101,8 @@ def test_stats_summary_per_scale_and_sample(tiny):
     kept = fast.stats["lhep"][9]["kept"]
     assert [s["tokens_computed"] for s in last["samples"]] == kept
     assert not any(s["uncond_ran"] for s in last["samples"])  # SATS stopped every sample at scale 7
-    assert last["token_rows"] == sum(kept) and last["work_vs_baseline"] == sum(kept) / (1024 * 6)
+    assert last["token_rows_kept"] == sum(kept) and last["work_vs_baseline_unpadded"] == sum(kept) / (1024 * 6)
+    assert last["token_rows"] == 3 * max(kept) == last["token_rows_kept"] + last["token_rows_padding"]  # 3 rows ran
     assert summary[7]["samples"][0]["gamma"] is not None
 
 

@@ -68,8 +68,19 @@ def test_keep_mask_is_the_smallest_set_reaching_rho():
     assert keep_mask(energy, 0.5).tolist() == [[True, False, False, False, False]]  # 5 >= 5
     assert keep_mask(energy, 0.51).tolist() == [[True, False, True, False, False]]  # 8 >= 5.1
     assert keep_mask(energy, 0.85).tolist() == [[True, True, True, False, True]]  # 9 < 8.5 needs a 1: ties kept
-    assert keep_mask(energy, 1.0).sum() == 4  # the zero-energy token is never needed
+    assert keep_mask(energy, 0.99).sum() == 4  # below 1 the zero-energy token is never needed
+    assert keep_mask(energy, 1.0).all()  # rho = 1 is the off switch: flat tokens are kept too
     assert keep_mask(torch.zeros(1, 4), 0.5).all()  # nothing to rank: keep everything
+
+
+def test_keep_mask_threshold_does_not_lose_tiny_energies_to_float32_rounding():
+    """One large energy and many tiny ones: in float32 the tiny ones vanish in the cumulative sum (1e8 + 1e-3
+    rounds to 1e8), so the literal rule would stop after the large one; summed in float64 they count."""
+    energy = torch.tensor([[1e8] + [1e-3] * 1000])  # tiny ones hold 1e-8 of the total
+    assert keep_mask(energy, 1 - 1e-12).all()
+    assert keep_mask(energy, 1 - 1e-6).sum() == 1
+    shuffled = energy[:, torch.randperm(1001, generator=torch.Generator().manual_seed(0))]
+    assert keep_mask(shuffled, 1 - 1e-12).all()  # the order of the tokens does not matter
 
 
 def test_keep_mask_rows_are_independent():
@@ -110,3 +121,31 @@ def test_guard_stops_each_sample_on_its_own():
     guard.observe(11, torch.tensor([9.0, 2.2]), torch.tensor([False, True]), threshold=0.15, eps=1e-8)
     assert guard.stopped.tolist() == [True, True] and guard.stop_scale == [10, 11]
     assert math.isclose(guard.history[-1]["gamma"][1], 0.1, rel_tol=1e-5) and math.isnan(guard.history[-1]["delta"][0])
+
+
+def test_a_pass_that_breaks_the_node_contract_is_named_at_once():
+    """An input added without metadata (what made export fail with KeyError 'val') is caught right after the pass."""
+    from graphsurgeon import get_adapter
+    from graphsurgeon.passes import GraphPass, PassConfig
+    from graphsurgeon.rewrite import PassContractError
+    from model_adapters.infinity import build_infinity, get_scale_schedule
+
+    from .helpers import random_text
+
+    class BareInput(GraphPass):
+        name, Config, order = "bare_input", PassConfig, 0
+
+        def apply(self, captured):
+            scale = captured.scales[-1]
+            last = [n for n in scale.module.graph.nodes if n.op == "placeholder"][-1]
+            with scale.module.graph.inserting_after(last):
+                scale.module.graph.placeholder("extra")  # no meta["val"], no examples
+            scale.input_names = scale.input_names + ["extra"]
+            return []
+
+    model = build_infinity("infinity-tiny", seed=0)
+    fast = optimize(model, adapter=get_adapter("infinity"))
+    fast.passes = [BareInput(PassConfig())]
+    with pytest.raises(PassContractError, match=r"pass 'bare_input' left scale graph 6 with input extra that has no"):
+        fast.capture(text=random_text([3], 256), scale_schedule=get_scale_schedule(1.0, "0.06M"), cfg=3.0)
+    assert not fast._captured  # nothing cached

@@ -9,6 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..cli_checks import check_file_target
 from ..errors import ConfigError
 from .runner import SCHEMA_VERSION, run_benchmark
 from .spec import DEFAULT_PASS_SETS, BenchSpec, make_spec
@@ -24,6 +25,16 @@ def _scale_fractions(text: str) -> dict[int, float]:
         raise argparse.ArgumentTypeError(f"expected scale:fraction pairs like 10:0.5,11:0.5, got {text!r}") from None
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f'expected a JSON object like {{"lhep": {{"rho": 0.5}}}}, got {text!r}')
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default="infinity")
     parser.add_argument("--config", default="infinity-tiny", help="named model config (random weights)")
@@ -34,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pass-sets", default=",".join(DEFAULT_PASS_SETS),
                         help="comma-separated: 'none' or pass names joined by '+'")
-    parser.add_argument("--pass-config", type=json.loads, default={},
-                        help='adaptive settings as JSON, e.g. \'{"lhep": {"rho": 0.5}}\'')
+    parser.add_argument("--pass-config", type=_json_object, default={},
+                        help='adaptive settings as JSON, e.g. \'{"lhep": {"rho": 0.5}}\' (passes in --pass-sets only)')
     parser.add_argument("--operating-point", help="fixed operating point named by the adapter (infinity: paper)")
     parser.add_argument("--keep-fraction", type=_scale_fractions, help="fixed kept fraction per LHEP scale, 10:0.5,...")
     parser.add_argument("--stop-scale", type=int, help="fixed SATS stop scale for every sample")
@@ -57,16 +68,19 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
 
 
 def run_and_write(args: argparse.Namespace) -> dict:
+    """Validate the settings and the output paths, then run: a bad value or path fails before any timing, and the
+    table is printed before the files are written, so a write failing after the checks (disk full) still leaves
+    the figures on screen."""
     spec = spec_from_args(args)
     out = Path(args.out)
-    if out.suffix in (".json", ".md"):
-        raise ConfigError(f"--out {args.out}: give the stem; <out>.json and <out>.md are written")
+    if out.suffix in (".json", ".md") or out.name in ("", "..", "."):
+        raise ConfigError(f"--out {args.out!r}: give a stem such as out/bench; <out>.json and <out>.md are written")
+    json_path, md_path = (check_file_target(out.with_suffix(suffix)) for suffix in (".json", ".md"))
     result = run_benchmark(spec)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     table = markdown(result)
-    out.with_suffix(".md").write_text(table)
     print(table)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    json_path.write_text(json.dumps(result, indent=2))
+    md_path.write_text(table)
+    print(f"wrote {json_path} and {md_path}")
     return result
 

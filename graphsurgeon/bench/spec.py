@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from ..errors import ConfigError
 
@@ -44,6 +44,27 @@ class BenchSpec(BaseModel):
             raise ValueError(f"pass sets are 'none' or names joined by '+', got {list(value)}")
         return value
 
+    @field_validator("pass_config")
+    @classmethod
+    def _settings_for_enabled_passes(cls, value: dict[str, dict], info: ValidationInfo) -> dict[str, dict]:
+        """Settings for a pass that no pass set runs would be dropped without a word; optimize() refuses them too."""
+        enabled = _enabled_passes(info)
+        extra = sorted(set(value) - enabled) if enabled is not None else []
+        if extra:
+            raise ValueError(f"config has settings for passes that are not enabled: {extra} "
+                             f"(enabled in pass_sets: {sorted(enabled)})")
+        return value
+
+    @field_validator("keep_fraction", "stop_scale")
+    @classmethod
+    def _fixed_pass_enabled(cls, value: object, info: ValidationInfo) -> object:
+        """A fixed LHEP fraction or SATS stop with no pass set running that pass would be ignored."""
+        needed = {"keep_fraction": "lhep", "stop_scale": "sats"}[info.field_name]
+        enabled = _enabled_passes(info)
+        if value is not None and enabled is not None and needed not in enabled:
+            raise ValueError(f"fixes {needed} but no pass set enables it (pass_sets: {list(info.data['pass_sets'])})")
+        return value
+
     @property
     def mode(self) -> str:
         """'fixed' when the kept fractions / stop scale are fixed, else 'adaptive' (the passes' own rules)."""
@@ -53,6 +74,13 @@ class BenchSpec(BaseModel):
 
 def passes_of(pass_set: str) -> list[str]:
     return [] if pass_set == "none" else pass_set.split("+")
+
+
+def _enabled_passes(info: ValidationInfo) -> Optional[set[str]]:
+    """The passes some pass set runs, or None when pass_sets itself failed validation (reported on its own)."""
+    if "pass_sets" not in info.data:
+        return None
+    return {name for pass_set in info.data["pass_sets"] for name in passes_of(pass_set)}
 
 
 def make_spec(**values) -> BenchSpec:

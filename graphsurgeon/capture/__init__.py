@@ -2,7 +2,7 @@
 from .capture import CapturedModel, ScaleGraph, capture
 from .plan import CapturePlan, ScaleSpec, StateSlot
 from .report import CaptureReport
-from .tracer import CaptureError, ShapeTracer
+from .tracer import CAPTURE_LOCK, CaptureError, ShapeTracer
 
-__all__ = ["CaptureError", "CapturePlan", "CaptureReport", "CapturedModel", "ScaleGraph", "ScaleSpec", "ShapeTracer",
-           "StateSlot", "capture"]
+__all__ = ["CAPTURE_LOCK", "CaptureError", "CapturePlan", "CaptureReport", "CapturedModel", "ScaleGraph", "ScaleSpec",
+           "ShapeTracer", "StateSlot", "capture"]

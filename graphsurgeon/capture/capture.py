@@ -14,7 +14,7 @@ from ..meta import annotate
 from .plan import CapturePlan, ScaleSpec, StateSlot
 from .report import CaptureReport, ScaleReport
 from .token_axes import propagate_token_axes
-from .tracer import CaptureError, ShapeTracer, to_meta
+from .tracer import CAPTURE_LOCK, CaptureError, ShapeTracer, to_meta
 
 _INPLACE_FUNCTIONS = {"setitem", "iadd", "isub", "imul", "itruediv"}
 
@@ -192,7 +192,10 @@ def _graph_module(root: torch.nn.Module, graph: torch.fx.Graph, class_name: str)
 
 
 def capture(plan: CapturePlan, device: Optional[torch.device] = None) -> CapturedModel:
-    """Trace every scale of ``plan`` into its own GraphModule and annotate token axes."""
+    """Trace every scale of ``plan`` into its own GraphModule and annotate token axes.
+
+    Runs under ``CAPTURE_LOCK``: tracing patches torch process-wide, so captures in other threads wait.
+    """
     if device is None:
         first = next(plan.model.parameters(), None)
         device = first.device if first is not None and first.device.type != "meta" else torch.device("cpu")
@@ -200,8 +203,8 @@ def capture(plan: CapturePlan, device: Optional[torch.device] = None) -> Capture
     scales: list[ScaleGraph] = []
     state_values: Optional[list[Any]] = None
     memo: dict = {}  # example values of ops already seen, shared by all scales
-    start = time.perf_counter()
-    with plan.prepare(), _eager_compiled_helpers(plan.model, report.compiled_helpers):
+    with CAPTURE_LOCK, plan.prepare(), _eager_compiled_helpers(plan.model, report.compiled_helpers):
+        start = time.perf_counter()  # not counting the wait for the lock
         for spec in plan.scales:
             t0 = time.perf_counter()
             module, names, step_outputs, tracer = _trace_scale(plan, spec, torch.device(device), state_values, memo)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import threading
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -23,6 +24,18 @@ from ..errors import GraphsurgeonError
 
 _NO_VALUE = (_enter_autocast, _exit_autocast)
 _META = torch.device("meta")
+
+CAPTURE_LOCK = threading.RLock()
+"""Held, process-wide, for the whole of a capture (by ``capture`` and by ``ShapeTracer``).
+
+While tracing, torch.fx replaces ``nn.Module.__call__``/``__getattr__`` (and wrapped functions) for the whole
+process and ``ShapeTracer`` replaces ``torch.autocast.__enter__``/``__exit__``; each puts back what it saw on
+entry. Two traces at once record into each other's graphs and put back each other's patches, breaking every
+``nn.Module`` in the process. Under this lock captures run one at a time, so each one's try/finally leaves torch
+as it found it, failure or not; the plan's ``prepare`` context and the model state a capture swaps run under it
+too. Re-entrant: code that changes shared state for a capture (e.g. an adapter's capture-time substitution)
+holds it around its change and its ``capture`` call.
+"""
 
 
 class CaptureError(GraphsurgeonError):
@@ -138,10 +151,11 @@ class ShapeTracer(torch.fx.Tracer):
         self._memo = memo
 
     def trace(self, root, concrete_args=None) -> torch.fx.Graph:
-        if isinstance(root, torch.nn.Module):
-            self._parameter_names = {id(p): name for name, p in root.named_parameters()}
-            self._buffer_names = {id(b): name for name, b in root.named_buffers()}
-        return super().trace(root, concrete_args)
+        with CAPTURE_LOCK:  # fx patches torch process-wide until it returns
+            if isinstance(root, torch.nn.Module):
+                self._parameter_names = {id(p): name for name, p in root.named_parameters()}
+                self._buffer_names = {id(b): name for name, b in root.named_buffers()}
+            return super().trace(root, concrete_args)
 
     def create_arg(self, a: Any) -> Any:
         """Buffers become ``get_attr`` nodes, found by identity (fx would scan every buffer per use)."""
@@ -282,10 +296,9 @@ class ShapeTracer(torch.fx.Tracer):
         )
 
     @contextlib.contextmanager
-    def autocast_as_nodes(self):
+    def autocast_as_nodes(self) -> Iterator[None]:
         """While tracing, entering/leaving ``torch.autocast`` also records ``_enter/_exit_autocast`` nodes."""
         autocast = torch.amp.autocast_mode.autocast
-        enter, leave = autocast.__enter__, autocast.__exit__
         tracer = self
 
         def traced_enter(region):
@@ -299,8 +312,10 @@ class ShapeTracer(torch.fx.Tracer):
             tracer.create_proxy("call_function", _exit_autocast, (region._graphsurgeon_node,), {})
             return leave(region, *exc)
 
-        autocast.__enter__, autocast.__exit__ = traced_enter, traced_exit
-        try:
-            yield
-        finally:
-            autocast.__enter__, autocast.__exit__ = enter, leave
+        with CAPTURE_LOCK:  # the patch is process-wide: no other trace may see it, or save it as the original
+            enter, leave = autocast.__enter__, autocast.__exit__
+            autocast.__enter__, autocast.__exit__ = traced_enter, traced_exit
+            try:
+                yield
+            finally:
+                autocast.__enter__, autocast.__exit__ = enter, leave

@@ -7,6 +7,7 @@ because it only uses what both have: ``unregistered_blocks`` (each with ``sa.cac
 from __future__ import annotations
 
 import contextlib
+import numbers
 from typing import Any, Optional, Sequence
 
 import torch
@@ -16,7 +17,8 @@ from graphsurgeon.errors import ConfigError
 
 from .builder import build_infinity
 from .kernels import packed_cross_attention_reference
-from .sampler import EagerScaleRunner, GenerationOutput, cfg_mix, generate, residual_step, scale_blocks
+from .sampler import (EagerScaleRunner, GenerateArgs, GenerationOutput, cfg_mix, generate_checked, residual_step,
+                      scale_blocks, validate_generate_args)
 from .schedules import get_scale_schedule, identify_schedule
 
 
@@ -27,6 +29,11 @@ def _packed_offsets(lens: list[int], cfg_on: bool) -> torch.Tensor:
     for n in rows:
         offsets.append(offsets[-1] + n)
     return torch.tensor(offsets, dtype=torch.int32)
+
+
+def _cfg_on(cfg: Any) -> bool:
+    """Whether CFG doubles the batch: some scale's cfg (a number, or one per scale) is not 1."""
+    return any(c != 1 for c in ([cfg] if isinstance(cfg, numbers.Real) else cfg))
 
 
 def _module_paths(model: torch.nn.Module) -> dict[int, str]:
@@ -132,15 +139,21 @@ class InfinityAdapter:
         """The scale runner the baseline sampler uses (the eager model), for wrapping with observers."""
         return EagerScaleRunner(model)
 
-    def generate(self, model: Any, **kwargs: Any) -> GenerationOutput:
-        """The baseline sampler (see :func:`model_adapters.infinity.sampler.generate`)."""
-        return generate(model, **kwargs)
+    def validate(self, model: Any, **kwargs: Any) -> GenerateArgs:
+        """Check generation arguments exactly as the baseline sampler does, before any work; an ``InputError``
+        names the bad (or unknown) argument. ``OptimizedModel`` calls this before it captures."""
+        return validate_generate_args(model, **kwargs)
+
+    def generate(self, model: Any, scale_runner: Any = None, **kwargs: Any) -> GenerationOutput:
+        """The baseline sampler (see :func:`model_adapters.infinity.sampler.generate`); ``scale_runner`` replaces
+        the eager transformer."""
+        return generate_checked(model, validate_generate_args(model, **kwargs), scale_runner)
 
     # -- capture ------------------------------------------------------------------------------------------
     def capture_key(self, model: Any, text, scale_schedule, cfg=3.0, num_scales=None, **_: Any) -> tuple:
         """What a captured graph set is specialised to: schedule, prompt lengths, CFG doubling, scales run, device."""
         lens = tuple(int(n) for n in text[1])
-        cfg_on = any(c != 1 for c in ([cfg] if isinstance(cfg, (int, float)) else cfg))
+        cfg_on = _cfg_on(cfg)
         return (tuple(tuple(int(v) for v in pn) for pn in scale_schedule), lens, cfg_on, num_scales,
                 str(model.pos_start.device))
 
@@ -149,14 +162,15 @@ class InfinityAdapter:
         """Generation arguments with placeholder text, for capturing without real prompts (check, export)."""
         lens = [text_len] * batch_size
         kv = torch.zeros(sum(lens), model.Ct5, device=model.pos_start.device)
-        cu = torch.tensor([0] + [text_len * (i + 1) for i in range(batch_size)], dtype=torch.int32, device=kv.device)
+        # on the host (not the model's device): validation reads the offsets, which a meta tensor cannot give
+        cu = torch.tensor([0] + [text_len * (i + 1) for i in range(batch_size)], dtype=torch.int32)
         return dict(text=(kv, lens, cu, text_len), scale_schedule=get_scale_schedule(h_div_w, pn), cfg=3.0)
 
     def capture_plan(self, model: Any, text, scale_schedule, cfg=3.0, num_scales=None, **_: Any) -> CapturePlan:
         identify_schedule(scale_schedule)
         schedule = [tuple(int(v) for v in pn) for pn in scale_schedule]
         lens = [int(n) for n in text[1]]
-        cfg_on = any(c != 1 for c in ([cfg] if isinstance(cfg, (int, float)) else cfg))
+        cfg_on = _cfg_on(cfg)
         rows = 2 * len(lens) if cfg_on else len(lens)
         text_rows = sum(lens) * (2 if cfg_on else 1)
         max_len = max(lens)
@@ -207,10 +221,13 @@ class InfinityAdapter:
 
         @contextlib.contextmanager
         def caching_on():
+            from .official import packed_attention_as_op  # the official code's flash-attn call -> the custom op
+
             for block in model.unregistered_blocks:
                 block.sa.kv_caching(True)
             try:
-                yield
+                with packed_attention_as_op(model):
+                    yield
             finally:
                 for block in model.unregistered_blocks:
                     block.sa.kv_caching(False)

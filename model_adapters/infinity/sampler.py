@@ -11,12 +11,24 @@ it samples either. Behaviour that decides the output, kept exactly as the offici
   later scales is the one the official code sees.
 - Codes are ``normalize(bits * 2s - s)`` with s = 1/sqrt(d) (BSQ), accumulated trilinearly at the final
   VAE grid; the next scale's input is the trilinear resize of the sum (8B: pixel-unshuffled 2x2).
+
+Every argument is checked by :func:`validate_generate_args` before any work (graphsurgeon calls it before it
+captures, so a rejected call costs nothing and caches nothing); a bad one is an ``InputError`` naming it.
+
+Threads: the eager runner keeps the attention KV caches in the model's modules, so eager runs of one model are
+serialised (:func:`model_lock`, held while an :class:`EagerScaleRunner` is entered); runs of different models,
+and graphsurgeon's graph runs (their caches are graph values), proceed in parallel.
 """
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
+import operator
+import threading
+import weakref
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +48,9 @@ class GenerationOutput:
     """float32 (B, d, 1, H, W): the accumulated codes the VAE decodes."""
     logits: Optional[list[torch.Tensor]] = None
     """With ``return_logits``: per scale (B, h*w, 2d) = (cfg*cond + (1-cfg)*uncond) / tau."""
+    stats: Optional[dict[str, Any]] = None
+    """Set by graphsurgeon's ``OptimizedModel.generate``: what this call ran (per pass, and ``summary``); the
+    baseline sampler leaves it None."""
 
 
 def bits_to_codes(bits: torch.Tensor, codebook_dim: int) -> torch.Tensor:
@@ -94,11 +109,29 @@ def residual_step(model, scale_ind: int, vae_schedule, n_run: int, bits: torch.T
             "next_tokens": model.word_embed(model.norm0_ve(nxt)).repeat(repeat, 1, 1)}
 
 
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: torch.nn.Module) -> threading.RLock:
+    """The lock serialising every use of ``model``'s attention KV caches (module state): one per model,
+    re-entrant, dropped with the model."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
 class EagerScaleRunner:
-    """Runs a scale on the model itself; its attention modules keep the KV caches between scales."""
+    """Runs a scale on the model itself; its attention modules keep the KV caches between scales.
+
+    While entered it holds :func:`model_lock`: two eager runs of one model at once would share (and reset)
+    each other's caches, so the second waits for the first."""
 
     def __init__(self, model):
         self.model = model
+        self.lock = model_lock(model)
 
     @staticmethod
     def mix(logits: torch.Tensor, batch: int, cfg: float) -> torch.Tensor:
@@ -110,13 +143,21 @@ class EagerScaleRunner:
                              repeat)
 
     def __enter__(self) -> "EagerScaleRunner":
-        for block in self.model.unregistered_blocks:
-            block.sa.kv_caching(True)
+        self.lock.acquire()
+        try:
+            for block in self.model.unregistered_blocks:
+                block.sa.kv_caching(True)
+        except BaseException:
+            self.lock.release()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        for block in self.model.unregistered_blocks:
-            block.sa.kv_caching(False)
+        try:
+            for block in self.model.unregistered_blocks:
+                block.sa.kv_caching(False)
+        finally:
+            self.lock.release()
 
     def run(self, scale_ind: int, schedule, max_text_len: int, tokens, cond_gss, cond_BD, text_kv, text_cu_seqlens,
             rows: int) -> torch.Tensor:
@@ -142,17 +183,38 @@ def double_text_for_cfg(kv: torch.Tensor, lens: list[int], cu: torch.Tensor, cfg
     return torch.cat((kv, kv_uncond), dim=0), torch.cat((cu, cu[1:] + cu[-1]), dim=0)
 
 
-def check_text(text: TextInput, text_channels: int, max_len_allowed: int, device: torch.device) -> TextInput:
-    """Validate the packed text tuple; returns it with ``cu_seqlens`` as int32 and lens as ints."""
+def _as_int(value: Any) -> Optional[int]:
+    """``value`` as an int if it is one (Python, NumPy or a one-element integer tensor), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_text(text: TextInput, text_channels: int, max_len_allowed: int, device: torch.device,
+               dtype: torch.dtype) -> TextInput:
+    """Validate the packed text tuple; returns it with kv_compact in ``dtype`` (the model's: T5 features often
+    arrive in half precision or float64), ``cu_seqlens`` as int32 and lens as ints."""
     if not isinstance(text, (tuple, list)) or len(text) != 4:
-        raise InputError("text must be a tuple (kv_compact, lens, cu_seqlens, max_len)")
+        raise InputError(f"text must be a tuple (kv_compact, lens, cu_seqlens, max_len), got {type(text).__name__}")
     kv, lens, cu, max_len = text
     if not isinstance(kv, torch.Tensor) or kv.ndim != 2 or not kv.is_floating_point():
         raise InputError(f"text kv_compact must be a float tensor (N, {text_channels}), got {getattr(kv, 'shape', type(kv))}")
     if kv.shape[1] != text_channels:
         raise InputError(f"text kv_compact has {kv.shape[1]} channels; the model's text_channels is {text_channels}")
-    lens = [int(n) for n in (lens.tolist() if isinstance(lens, torch.Tensor) else lens)]
-    if not lens or min(lens) <= 0:
+    lens = lens.tolist() if isinstance(lens, torch.Tensor) else lens
+    if not isinstance(lens, (list, tuple)) or any(_as_int(n) is None for n in lens):
+        raise InputError(f"text lens must be a list of ints (tokens per prompt), got {lens!r}")
+    lens = [_as_int(n) for n in lens]
+    if not lens:
+        raise InputError("text has no prompts (lens is empty): the batch must hold at least one prompt")
+    if min(lens) <= 0:
         raise InputError(f"text lens must be positive per prompt, got {lens}")
     if not isinstance(cu, torch.Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.ndim != 1:
         raise InputError("text cu_seqlens must be a 1-D int32 tensor")
@@ -163,36 +225,106 @@ def check_text(text: TextInput, text_channels: int, max_len_allowed: int, device
         raise InputError(f"text cu_seqlens {cu.tolist()} disagree with lens {lens} (expected {expected})")
     if expected[-1] != kv.shape[0]:
         raise InputError(f"text lens sum to {expected[-1]} but kv_compact has {kv.shape[0]} rows")
-    if int(max_len) != max(lens):
-        raise InputError(f"text max_len is {max_len} but the longest prompt has {max(lens)} tokens")
+    if _as_int(max_len) != max(lens):
+        raise InputError(f"text max_len is {max_len!r} but the longest prompt has {max(lens)} tokens")
     if max(lens) > max_len_allowed:
         raise InputError(f"a prompt has {max(lens)} tokens; the model's text_maxlen is {max_len_allowed}")
     if kv.device != device:
         raise InputError(f"text kv_compact is on {kv.device} but the model is on {device}")
-    return kv, lens, cu.to(device=device, dtype=torch.int32), max(lens)
+    return kv.to(dtype), lens, cu.to(device=device, dtype=torch.int32), max(lens)
 
 
 def _per_scale(value: Union[float, Sequence[float]], n: int, name: str) -> list[float]:
-    values = [float(value)] * n if isinstance(value, (int, float)) else [float(v) for v in value]
-    if len(values) < n:
-        raise InputError(f"{name} has {len(values)} values for {n} scales")
-    return values[:n]
+    """One finite value per scale: a number for all, or a list with exactly one per scale of the schedule."""
+    if _is_real(value):
+        values = [float(value)] * n
+    elif isinstance(value, (list, tuple)) and all(_is_real(v) for v in value):
+        values = [float(v) for v in value]
+        if len(values) != n:
+            raise InputError(f"{name} has {len(values)} values for {n} scales (a list needs exactly one per scale)")
+    else:
+        raise InputError(f"{name} must be a number or a list of one number per scale, got {value!r}")
+    if not all(math.isfinite(v) for v in values):
+        raise InputError(f"{name} must be finite, got {values}")
+    return values
 
 
 def _check_forced(force_bits, vae_schedule, batch: int, codebook_dim: int, device) -> list[torch.Tensor]:
     if force_bits is None:
         return []
+    if not isinstance(force_bits, (list, tuple)):
+        raise InputError(f"force_bits must be a list of per-scale tensors, got {type(force_bits).__name__}")
     if len(force_bits) > len(vae_schedule):
         raise InputError(f"force_bits has {len(force_bits)} scales; the schedule has {len(vae_schedule)}")
     forced = []
     for si, bits in enumerate(force_bits):
         _, h, w = vae_schedule[si]
+        if not isinstance(bits, torch.Tensor):
+            raise InputError(f"force_bits[{si}] must be a tensor (B, 1, h, w, d) of 0/1, got {type(bits).__name__}")
         if tuple(bits.shape) != (batch, 1, h, w, codebook_dim):
             raise InputError(f"force_bits[{si}] has shape {tuple(bits.shape)}, expected {(batch, 1, h, w, codebook_dim)}")
         if bits.is_floating_point() or ((bits != 0) & (bits != 1)).any():
             raise InputError(f"force_bits[{si}] must hold integer or bool 0/1 values")
         forced.append(bits.to(device=device, dtype=torch.uint8))
     return forced
+
+
+@dataclass(frozen=True)
+class GenerateArgs:
+    """The arguments of one ``generate`` call, checked and normalised (per-scale lists, int32 offsets, …)."""
+
+    kv: torch.Tensor
+    lens: list[int]
+    cu: torch.Tensor
+    max_len: int
+    schedule: list[tuple[int, int, int]]
+    vae_schedule: list[tuple[int, int, int]]
+    n_run: int
+    cfg: list[float]
+    tau: list[float]
+    top_k: int
+    top_p: float
+    seed: Optional[int]
+    forced: list[torch.Tensor]
+    return_logits: bool
+    patchify: bool
+    codebook_dim: int
+
+
+SEED_RANGE = (-2 ** 63, 2 ** 64)
+"""Seeds torch's generator takes; a negative seed s draws as s + 2**64 (torch's rule, so the official code's)."""
+
+
+def _check_args(model, text, scale_schedule, cfg, tau, top_k, top_p, seed, force_bits, return_logits,
+                num_scales) -> GenerateArgs:
+    identify_schedule(scale_schedule)
+    schedule = [tuple(int(v) for v in pn) for pn in scale_schedule]
+    n_scales = len(schedule)
+    n_run = n_scales if num_scales is None else _as_int(num_scales)
+    if n_run is None or not 1 <= n_run <= n_scales:
+        raise InputError(f"num_scales must be an int in [1, {n_scales}], got {num_scales!r}")
+    cfg_list, tau_list = _per_scale(cfg, n_scales, "cfg"), _per_scale(tau, n_scales, "tau")
+    if any(t <= 0 for t in tau_list):
+        raise InputError(f"tau must be positive, got {tau_list}")
+    k = _as_int(top_k)
+    if k is None or k < 0:
+        raise InputError(f"top_k must be an int >= 0, got {top_k!r}")
+    if not _is_real(top_p) or not 0.0 <= top_p <= 1.0:
+        raise InputError(f"top_p must be a number in [0, 1], got {top_p!r}")
+    seed_value = None if seed is None else _as_int(seed)
+    if seed is not None and (seed_value is None or not SEED_RANGE[0] <= seed_value < SEED_RANGE[1]):
+        raise InputError(f"seed must be None or an int in [-2**63, 2**64) (torch's generator), got {seed!r}")
+    if not isinstance(return_logits, bool):
+        raise InputError(f"return_logits must be a bool, got {return_logits!r}")
+    device = model.pos_start.device
+    kv, lens, cu, max_len = check_text(text, model.Ct5, model.cfg_uncond.shape[0], device, model.pos_start.dtype)
+    patchify = bool(model.apply_spatial_patchify)
+    codebook_dim = model.d_vae // 4 if patchify else model.d_vae
+    vae_schedule = [(t, 2 * h, 2 * w) for t, h, w in schedule] if patchify else schedule
+    forced = _check_forced(force_bits, vae_schedule, len(lens), codebook_dim, device)
+    return GenerateArgs(kv=kv, lens=lens, cu=cu, max_len=max_len, schedule=schedule, vae_schedule=vae_schedule,
+                        n_run=n_run, cfg=cfg_list, tau=tau_list, top_k=k, top_p=float(top_p), seed=seed_value,
+                        forced=forced, return_logits=return_logits, patchify=patchify, codebook_dim=codebook_dim)
 
 
 @torch.no_grad()
@@ -202,36 +334,49 @@ def generate(model, text: TextInput, scale_schedule, cfg: Union[float, Sequence[
              num_scales: Optional[int] = None, scale_runner=None) -> GenerationOutput:
     """Sample the scales of ``scale_schedule`` for the prompts in ``text``; see the module docstring.
 
-    ``num_scales`` stops after that many scales (the official ``trunk_scale``); the codes summed so far are
-    returned at the final grid. ``scale_runner`` replaces the eager transformer (graphsurgeon passes its
-    captured graphs here); it has ``run(...)`` and ``mix(...)`` as :class:`EagerScaleRunner` and is a context
-    manager.
+    ``cfg`` and ``tau`` are a number or a list of exactly one per scale of the schedule. ``num_scales`` stops
+    after that many scales (the official ``trunk_scale``); the codes summed so far are returned at the final
+    grid. ``scale_runner`` replaces the eager transformer (graphsurgeon passes its captured graphs here); it has
+    ``run(...)`` and ``mix(...)`` as :class:`EagerScaleRunner` and is a context manager.
     """
-    identify_schedule(scale_schedule)
-    schedule = [tuple(int(v) for v in pn) for pn in scale_schedule]
-    n_scales = len(schedule)
-    if num_scales is not None and not 1 <= num_scales <= n_scales:
-        raise InputError(f"num_scales must be in [1, {n_scales}], got {num_scales}")
-    n_run = n_scales if num_scales is None else num_scales
-    cfg_list, tau_list = _per_scale(cfg, n_scales, "cfg"), _per_scale(tau, n_scales, "tau")
-    if any(t <= 0 for t in tau_list):
-        raise InputError(f"tau must be positive, got {tau_list}")
-    if top_k < 0 or not 0.0 <= top_p <= 1.0:
-        raise InputError(f"top_k must be >= 0 and top_p in [0, 1], got top_k={top_k}, top_p={top_p}")
+    args = _check_args(model, text, scale_schedule, cfg, tau, top_k, top_p, seed, force_bits, return_logits,
+                       num_scales)
+    return generate_checked(model, args, scale_runner)
+
+
+_GENERATE_PARAMETERS = {name: p for name, p in inspect.signature(generate).parameters.items()
+                        if name not in ("model", "scale_runner")}
+
+
+def validate_generate_args(model, **kwargs: Any) -> GenerateArgs:
+    """Check the keyword arguments of :func:`generate` (all but ``scale_runner``) as it does, before any work.
+
+    Unknown or missing names are an ``InputError`` too, so that a caller holding ``**kwargs`` (graphsurgeon's
+    ``OptimizedModel``) rejects exactly what the baseline rejects, with the same message.
+    """
+    unknown = sorted(set(kwargs) - set(_GENERATE_PARAMETERS))
+    if unknown:
+        raise InputError(f"unknown generate argument(s) {unknown}; the arguments are {list(_GENERATE_PARAMETERS)}")
+    missing = [name for name, p in _GENERATE_PARAMETERS.items() if p.default is p.empty and name not in kwargs]
+    if missing:
+        raise InputError(f"generate needs the argument(s) {missing}")
+    return _check_args(model, **{name: kwargs.get(name, p.default) for name, p in _GENERATE_PARAMETERS.items()})
+
+
+@torch.no_grad()
+def generate_checked(model, args: GenerateArgs, scale_runner=None) -> GenerationOutput:
+    """The sampling loop of :func:`generate` on checked arguments (see :func:`validate_generate_args`)."""
     device = model.pos_start.device
-    kv, lens, cu, max_len = check_text(text, model.Ct5, model.cfg_uncond.shape[0], device)
+    kv, lens, cu, max_len = args.kv, args.lens, args.cu, args.max_len
+    schedule, vae_schedule, codebook_dim, patchify = args.schedule, args.vae_schedule, args.codebook_dim, args.patchify
     B = len(lens)
-    patchify = bool(model.apply_spatial_patchify)
-    codebook_dim = model.d_vae // 4 if patchify else model.d_vae
-    vae_schedule = [(t, 2 * h, 2 * w) for t, h, w in schedule] if patchify else schedule
-    forced = _check_forced(force_bits, vae_schedule, B, codebook_dim, device)
 
     rng = None
-    if seed is not None:
+    if args.seed is not None:
         rng = torch.Generator(device=device)
-        rng.manual_seed(seed)
+        rng.manual_seed(args.seed)
 
-    use_cfg = any(c != 1 for c in cfg_list)
+    use_cfg = any(c != 1 for c in args.cfg)
     bs = 2 * B if use_cfg else B
     if use_cfg:
         kv, cu = double_text_for_cfg(kv, lens, cu, model.cfg_uncond)
@@ -247,20 +392,22 @@ def generate(model, text: TextInput, scale_schedule, cfg: Union[float, Sequence[
     logits_out: list[torch.Tensor] = []
     summed_codes = torch.zeros(B, codebook_dim, *vae_schedule[-1], device=device)
     with scale_runner or EagerScaleRunner(model) as runner:
-        for si, (_, h, w) in enumerate(schedule[:n_run]):
-            cfg_si = cfg_list[si]
+        for si, (_, h, w) in enumerate(schedule[:args.n_run]):
+            cfg_si = args.cfg[si]
             rows = bs if cfg_si != 1 else B
-            logits = runner.run(si, schedule, max_len, last_stage, cond_gss, cond_BD, kv, cu, rows).mul(1 / tau_list[si])
+            logits = runner.run(si, schedule, max_len, last_stage, cond_gss, cond_BD, kv, cu, rows)
+            logits = logits.mul(1 / args.tau[si])
             if cfg_si != 1:
                 logits = runner.mix(logits, B, cfg_si)
-            if return_logits:
+            if args.return_logits:
                 logits_out.append(logits)
-            drawn = sample_bits(logits.reshape(B, -1, 2), top_k, top_p, rng).reshape(B, h, w, -1)
+            drawn = sample_bits(logits.reshape(B, -1, 2), args.top_k, args.top_p, rng).reshape(B, h, w, -1)
             if patchify:  # (B, h, w, 4d) -> (B, 2h, 2w, d)
                 drawn = F.pixel_shuffle(drawn.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
-            bits = forced[si] if si < len(forced) else drawn.unsqueeze(1).to(torch.uint8)
-            result = runner.residual(si, vae_schedule, n_run, bits, summed_codes, codebook_dim, patchify, bs // B)
+            bits = args.forced[si] if si < len(args.forced) else drawn.unsqueeze(1).to(torch.uint8)
+            result = runner.residual(si, vae_schedule, args.n_run, bits, summed_codes, codebook_dim, patchify, bs // B)
             bits_out.append(result.get("bits", bits))  # a pass may replace bits (LHEP keeps R_{k-1} where it skips)
             summed_codes = result["summed_codes"]
             last_stage = result.get("next_tokens")
-    return GenerationOutput(bits=bits_out, summed_codes=summed_codes, logits=logits_out if return_logits else None)
+    return GenerationOutput(bits=bits_out, summed_codes=summed_codes,
+                            logits=logits_out if args.return_logits else None)
