@@ -5,7 +5,6 @@ import json
 import threading
 from typing import Any, Callable, Optional
 
-import pytest
 
 import graphsurgeon.emit
 from graphsurgeon import get_adapter, optimize
@@ -103,3 +102,30 @@ def test_baseline_generate_in_two_threads(tiny_float32, monkeypatch):
         for seed in SEEDS:
             assert outputs_equal(results[seed], sequential[seed]), f"seed {seed}"
             assert results[seed].stats is None  # the baseline reports no pass stats
+
+
+def test_capture_beside_a_baseline_call_on_the_same_model(tiny_float32):
+    """Capture switches KV caching on the same attention modules the baseline uses: it waits for the model's lock."""
+    adapter = get_adapter("infinity")
+    sequential = adapter.generate(tiny_float32, **kwargs(SEEDS[0]))
+    started = threading.Event()
+    real_enter = EagerScaleRunner.__enter__
+
+    def call(seed: int):
+        if seed == SEEDS[0]:
+            return adapter.generate(tiny_float32, **kwargs(seed))
+        started.wait(TIMEOUT_S)  # the baseline holds its caches by now
+        return optimize(tiny_float32).capture(**kwargs(seed))
+
+    def enter_and_signal(runner: EagerScaleRunner) -> EagerScaleRunner:
+        entered = real_enter(runner)
+        started.set()
+        return entered
+
+    EagerScaleRunner.__enter__ = enter_and_signal
+    try:
+        results = in_two_threads(call)
+    finally:
+        EagerScaleRunner.__enter__ = real_enter
+    assert outputs_equal(results[SEEDS[0]], sequential)
+    assert len(results[SEEDS[1]].scales) == len(SCHEDULE)

@@ -17,8 +17,8 @@ from graphsurgeon.errors import ConfigError
 
 from .builder import build_infinity
 from .kernels import packed_cross_attention_reference
-from .sampler import (EagerScaleRunner, GenerateArgs, GenerationOutput, cfg_mix, generate_checked, residual_step,
-                      scale_blocks, validate_generate_args)
+from .sampler import (EagerScaleRunner, GenerateArgs, GenerationOutput, cfg_mix, generate_checked, model_lock,
+                      residual_step, scale_blocks, validate_generate_args)
 from .schedules import get_scale_schedule, identify_schedule
 
 
@@ -221,16 +221,19 @@ class InfinityAdapter:
 
         @contextlib.contextmanager
         def caching_on():
-            from .official import packed_attention_as_op  # the official code's flash-attn call -> the custom op
+            """KV caching on for the capture, holding the model's lock (a baseline call on this model in another
+            thread uses the same attention modules), with the official flash-attn call routed to the custom op."""
+            from .official import packed_attention_as_op
 
-            for block in model.unregistered_blocks:
-                block.sa.kv_caching(True)
-            try:
-                with packed_attention_as_op(model):
-                    yield
-            finally:
+            with model_lock(model):
                 for block in model.unregistered_blocks:
-                    block.sa.kv_caching(False)
+                    block.sa.kv_caching(True)
+                try:
+                    with packed_attention_as_op(model):
+                        yield
+                finally:
+                    for block in model.unregistered_blocks:
+                        block.sa.kv_caching(False)
 
         notes = [f"CFG {'on: rows [0:B] conditional, [B:2B] unconditional' if cfg_on else 'off'}; "
                  f"batch {len(lens)}, text lengths {lens}",
