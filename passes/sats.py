@@ -14,6 +14,7 @@ computed for any later scale; its guidance uses the conditional logits. Each sam
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import ClassVar, Optional
@@ -36,8 +37,7 @@ def branch_discrepancy(cond: torch.Tensor, uncond: torch.Tensor, valid: Optional
     if valid is None:
         return squared.flatten(1).mean(dim=1).sqrt()
     weights = valid.reshape(*valid.shape, *([1] * (squared.dim() - 2))).to(squared.dtype)
-    per_position = squared[0, 0].numel() if squared.dim() > 2 else 1
-    count = valid.sum(dim=1).to(squared.dtype) * per_position
+    count = valid.sum(dim=1).to(squared.dtype) * math.prod(squared.shape[2:])
     return ((squared * weights).flatten(1).sum(dim=1) / count).sqrt()
 
 

@@ -111,6 +111,15 @@ def test_branch_discrepancy_is_rms_per_sample():
     assert branch_discrepancy(torch.zeros_like(big), big).item() == 1.0  # independent of the token count
 
 
+def test_branch_discrepancy_covers_only_valid_positions():
+    cond, uncond = torch.zeros(2, 4, 3), torch.ones(2, 4, 3)
+    uncond[0, 2:] = 5.0  # padding positions of sample 0: must not count
+    valid = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    assert branch_discrepancy(cond, uncond, valid).tolist() == [1.0, 1.0]
+    assert branch_discrepancy(cond, uncond).tolist()[0] > 3.0  # without the mask the padding dominates
+    assert branch_discrepancy(cond[:0], uncond[:0], valid[:0]).shape == (0,)  # no running row: nothing to compute
+
+
 def test_guard_stops_each_sample_on_its_own():
     guard = GuardState(batch=2)
     all_running = torch.tensor([True, True])
