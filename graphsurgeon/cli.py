@@ -80,7 +80,6 @@ def check(args: argparse.Namespace) -> int:
 def export(args: argparse.Namespace) -> int:
     from .passes import resolve_passes
 
-    out = check_dir_target(args.out)
     passes = [p for p in args.passes.split(",") if p]
     resolve_passes(passes)  # unknown or repeated pass names fail before the model is built
     _, _, shapes = _prepare(args, device="meta")  # structure only: config, schedule and scale count, no weights
@@ -88,6 +87,7 @@ def export(args: argparse.Namespace) -> int:
     if not -scales <= args.onnx_scale < scales:
         raise ConfigError(f"--onnx-scale {args.onnx_scale}: the schedule ({args.pn}) has {scales} scales; give "
                           f"0..{scales - 1}, or -{scales}..-1 counting from the last")
+    out = check_dir_target(args.out)  # created last: a refused command line leaves no folder behind
     from .api import optimize
     from .export import export_captured  # onnx is slow to import: only once the arguments are known to be good
 

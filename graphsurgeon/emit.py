@@ -99,8 +99,9 @@ class OptimizedModel:
         if not self.last_flops or "summary" not in stats:
             return stats
         flops = self.last_flops
-        summary = [dict(entry, flops=flops["optimized"][entry["scale"]],
-                        flops_baseline=flops["baseline"][entry["scale"]]) for entry in stats["summary"]]
+        measured = len(flops["optimized"])  # the scales the measured call ran
+        summary = [dict(entry, flops=flops["optimized"][entry["scale"]], flops_baseline=flops["baseline"][entry["scale"]])
+                   if entry["scale"] < measured else entry for entry in stats["summary"]]
         return {**stats, "summary": summary}
 
     @property
@@ -156,7 +157,8 @@ def _summary(captured: CapturedModel, per_pass: dict[str, list[dict]]) -> list[d
     rows = _rows(captured)
     samples = batch or rows
     summary = []
-    for scale in captured.scales:
+    ran = {entry["scale"] for entries in per_pass.values() for entry in entries}  # ``num_scales`` may stop early
+    for scale in (s for s in captured.scales if s.index in ran):
         pruned = lhep.get(scale.index, {})
         kept = pruned.get("kept") or [scale.tokens] * samples
         width = pruned.get("width") or max(kept)  # the padded token count every running row computes

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import html
 import json
-import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -221,7 +220,6 @@ def _errors(got: list, expected: list[torch.Tensor]) -> dict[str, float]:
             "max_rel_l2": max(float((g - e).norm() / e.norm().clamp_min(1e-30)) for g, e in pairs)}
 
 
-_EXPORTED_FILE = re.compile(r"^(manifest\.json|[a-z_]+_\d+\.(py|dot|svg|onnx|onnx\.data))$")
 
 
 def resolve_onnx_scale(onnx_scale: int, n_scales: int) -> int:
@@ -231,8 +229,27 @@ def resolve_onnx_scale(onnx_scale: int, n_scales: int) -> int:
     return onnx_scale % n_scales
 
 
+def _earlier_export_files(directory: Path) -> list[Path]:
+    """The files an earlier export's ``manifest.json`` in ``directory`` lists (and the manifest itself)."""
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        return []
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        names = [name for entry in manifest["graphs"] for name in entry["files"]]
+        names += [name for entries in manifest.get("regions", {}).values() for entry in entries for name in entry["files"]]
+        if "onnx" in manifest:
+            names += [manifest["onnx"]["file"], manifest["onnx"]["file"] + ".data"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{manifest_path} is not a graphsurgeon export manifest ({type(err).__name__}: {err}); "
+                          "export into another folder") from None
+    listed = [directory / name for name in names if isinstance(name, str) and Path(name).name == name]
+    return [path for path in listed if path.is_file()] + [manifest_path]
+
+
 def prepare_export_directory(directory: Union[str, Path]) -> Path:
-    """Create ``directory``, or empty it of an earlier export's files (others are left); refuse a file."""
+    """Create ``directory``, or remove the files an earlier export there listed in its manifest (nothing else);
+    refuse a file, or a ``manifest.json`` that is not an export's."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"export directory {directory} is an existing file")
@@ -240,9 +257,8 @@ def prepare_export_directory(directory: Union[str, Path]) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"export directory {directory} cannot be created: {err.strerror}") from None
-    for path in directory.iterdir():
-        if path.is_file() and _EXPORTED_FILE.match(path.name):
-            path.unlink()
+    for path in _earlier_export_files(directory):
+        path.unlink()
     return directory
 
 
@@ -256,8 +272,8 @@ def _write_graph(directory: Path, stem: str, module: torch.fx.GraphModule) -> li
 def export_captured(captured: CapturedModel, directory: Union[str, Path], onnx_scale: Optional[int] = -1,
                     check: bool = True) -> dict[str, Any]:
     """Write every scale graph (and every region graph, e.g. the residual step) as readable Python, DOT and
-    SVG, one scale as ONNX, and ``manifest.json`` listing per graph the nodes passes inserted. Files of an
-    earlier export in ``directory`` are removed first, so none is left stale beside the new manifest."""
+    SVG, one scale as ONNX, and ``manifest.json`` listing per graph the nodes passes inserted. The files an
+    earlier export's manifest in ``directory`` lists are removed first, so none is left stale beside the new one."""
     index = resolve_onnx_scale(onnx_scale, len(captured.scales)) if onnx_scale is not None else None
     directory = prepare_export_directory(directory)
     graphs = []

@@ -86,10 +86,15 @@ def fixed_keep_mask(energy: torch.Tensor, fraction: float) -> torch.Tensor:
 
 @export_form(fixed_keep_mask)
 def fixed_keep_mask_traceable(energy: torch.Tensor, fraction: float) -> torch.Tensor:
-    """:func:`fixed_keep_mask` by top-k (ONNX TopK breaks ties by position, as the stable sort does)."""
+    """:func:`fixed_keep_mask` without a sort (ONNX has no stable one): a token's rank is the number of tokens
+    with more energy plus the earlier ones with as much, so ties go to the earlier position as there.
+    Quadratic in the token count; it only serves export of the benchmark operating point."""
     count = max(1, round(fraction * energy.shape[-1]))
-    order = energy.topk(count, dim=-1).indices
-    return torch.zeros_like(energy, dtype=torch.bool).scatter(-1, order, True)
+    mine, theirs = energy[:, :, None], energy[:, None, :]
+    position = torch.arange(energy.shape[-1], device=energy.device)
+    earlier = position[None, :] < position[:, None]
+    rank = (theirs > mine).sum(dim=-1) + ((theirs == mine) & earlier).sum(dim=-1)
+    return rank < count
 
 
 class LHEPConfig(PassConfig):
@@ -135,7 +140,8 @@ class LHEP(GraphPass):
         total_rows = rows.meta["val"].shape[0]
         batch = captured.plan.cfg_batch or total_rows
         edits = []
-        for scale in captured.scales[first:]:
+        ran = len(captured.regions["residual"])  # scales that run (``num_scales``); later graphs are never called
+        for scale in captured.scales[first:ran]:
             rule = None
             if scale.index in lhep_scales:
                 rule = (fixed_keep_mask, fixed[scale.index]) if fixed else (keep_mask, self.config.rho)

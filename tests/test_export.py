@@ -127,8 +127,14 @@ def test_export_refuses_bad_targets_and_clears_an_earlier_export(exported_with_p
         fast.export(tmp_path / "file", onnx_scale=None)
     folder = tmp_path / "again"
     folder.mkdir()
-    (folder / "scale_09.py").write_text("stale")  # from a longer schedule's export
-    (folder / "notes.txt").write_text("mine")
+    (folder / "scale_09.py").write_text("stale")  # from a longer schedule's export, listed in its manifest
+    (folder / "scale_12.onnx").write_text("stale")
+    (folder / "manifest.json").write_text(json.dumps({"graphs": [{"files": ["scale_09.py"]}], "onnx": {"file": "scale_12.onnx"}}))
+    (folder / "train_2.py").write_text("mine")  # looks like an export file, but no manifest lists it
     fast.export(folder, onnx_scale=None)
-    assert not (folder / "scale_09.py").exists() and (folder / "notes.txt").read_text() == "mine"
+    assert not (folder / "scale_09.py").exists() and not (folder / "scale_12.onnx").exists()
+    assert (folder / "train_2.py").read_text() == "mine"
     assert (folder / "scale_06.py").exists() and not list(folder.glob("*.onnx"))
+    (folder / "manifest.json").write_text("[not ours")
+    with pytest.raises(ConfigError, match="is not a graphsurgeon export manifest"):
+        fast.export(folder, onnx_scale=None)

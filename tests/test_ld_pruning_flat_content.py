@@ -84,3 +84,18 @@ def test_a_samples_sats_decision_does_not_depend_on_its_batch(tiny, ragged_bits)
             assert single["stopped_after"] == [together["stopped_after"][row]]
         for ours, ref in zip(alone.logits, batch.logits):
             assert ((ours[0] - ref[row]).norm() / ref[row].norm()).item() < 1e-5
+
+
+def test_passes_and_stats_with_fewer_scales_run(tiny):
+    """``num_scales`` stops before the last LHEP scales: those graphs never run and the stats list what ran."""
+    from graphsurgeon.flops import measure_flops
+
+    short = kwargs(num_scales=8)  # LHEP scales 7 (runs), 8 and 9 (do not)
+    baseline = get_adapter("infinity").generate(tiny, **short)
+    neutral = optimize(tiny, passes=["lhep", "sats"], config={"lhep": {"rho": 1.0}, "sats": {"delta": 0.0}})
+    assert outputs_equal(neutral.generate(**short), baseline)
+    fast = optimize(tiny, passes=["lhep", "sats"])
+    measure_flops(fast, **short)
+    summary = fast.stats["summary"]
+    assert [s["scale"] for s in summary] == list(range(8)) and "flops" in summary[-1]
+    assert summary[7]["token_rows_kept"] < summary[7]["token_rows_baseline"]

@@ -83,6 +83,15 @@ def test_keep_mask_threshold_does_not_lose_tiny_energies_to_float32_rounding():
     assert keep_mask(shuffled, 1 - 1e-12).all()  # the order of the tokens does not matter
 
 
+def test_fixed_keep_mask_export_form_breaks_ties_as_the_stable_sort():
+    from passes.lhep import fixed_keep_mask, fixed_keep_mask_traceable
+
+    energy = torch.zeros(2, 64)
+    energy[:, :16] = torch.rand(2, 16, generator=torch.Generator().manual_seed(0))  # 48 tied zeros: a flat region
+    for fraction in (0.1, 0.5, 0.9):
+        assert torch.equal(fixed_keep_mask_traceable(energy, fraction), fixed_keep_mask(energy, fraction))
+
+
 def test_keep_mask_rows_are_independent():
     torch.manual_seed(0)
     energy = torch.rand(3, 50)
