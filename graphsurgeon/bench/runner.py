@@ -33,7 +33,7 @@ def pass_settings(spec: BenchSpec, adapter: Any, names: list[str]) -> dict[str, 
     """Settings of the enabled passes: the adaptive config, or the fixed operating point on top of it."""
     fixed: dict[str, dict] = {}
     if spec.operating_point is not None:
-        points = getattr(adapter, "operating_points", {})
+        points = adapter.operating_points
         if spec.operating_point not in points:
             raise ConfigError(f"operating_point {spec.operating_point!r} is not one the {spec.adapter} adapter names "
                               f"({sorted(points)})")
@@ -132,7 +132,7 @@ def run_benchmark(spec: BenchSpec, log=print) -> dict[str, Any]:
                     result["variants"][variant.name]["inserted"] = _inserted_time(variant, kwargs, clock, spec.repeats)
                     log(f"{variant.name}: inserted nodes timed")
     _ratios(result)
-    result["paper_latency_s"] = getattr(adapter, "paper_latency_s", {}).get(spec.config)
+    result["paper_latency_s"] = adapter.paper_latency_s.get(spec.config)
     result["seconds"] = time.perf_counter() - started
     return result
 

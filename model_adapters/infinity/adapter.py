@@ -13,6 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from graphsurgeon.capture import CapturedModel, CapturePlan, ScaleSpec, StateSlot
+from graphsurgeon.adapters import ModelAdapter
 from graphsurgeon.errors import ConfigError
 
 from .builder import build_infinity
@@ -91,7 +92,7 @@ class GraphScaleRunner:
         return cfg_mix(logits, batch, cfg)
 
 
-class InfinityAdapter:
+class InfinityAdapter(ModelAdapter):
     """Adapter for Infinity-2B/8B."""
 
     name = "infinity"
