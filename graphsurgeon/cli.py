@@ -105,8 +105,6 @@ def export(args: argparse.Namespace) -> int:
 
 
 def diff(args: argparse.Namespace) -> int:
-    import torch
-
     from .api import optimize
     from .flops import measure_flops
     from .passes import resolve_passes
@@ -114,12 +112,11 @@ def diff(args: argparse.Namespace) -> int:
     out = check_file_target(args.out, suffixes=REPORT_SUFFIXES)
     passes = [p for p in args.passes.split(",") if p]
     resolve_passes(passes)  # unknown or repeated pass names fail before the model is built
-    adapter, model, capture_args = _prepare(args, device="cpu", seed=0)
-    kv, lens, cu, max_len = capture_args["text"]
-    text = (torch.randn(kv.shape, generator=torch.Generator().manual_seed(1)), lens, cu, max_len)
+    adapter, model, _ = _prepare(args, device="cpu", seed=0)
     fast = optimize(model, adapter=adapter, passes=passes)
-    generate_kwargs = dict(text=text, scale_schedule=capture_args["scale_schedule"], cfg=3.0, tau=0.5, top_k=900,
-                           top_p=0.97, seed=1234)
+    # the adapter's seeded benchmark inputs: the CLI needs to know nothing of a model's inputs
+    generate_kwargs = adapter.benchmark_args(model, batch_size=args.batch_size, h_div_w=args.h_div_w, pn=args.pn,
+                                             seed=1234)
     if args.flops:
         measure_flops(fast, **generate_kwargs)
     else:
