@@ -391,22 +391,9 @@ def select_tokens(keep: torch.Tensor, rows: Optional[torch.Tensor], batch: int, 
 
     ``rows`` are the batch rows that run (row r belongs to sample r % batch: conditional rows first, then the
     unconditional ones). Padding repeats skipped positions, so every row's index is part of a permutation.
+    The permutation (kept first, then skipped, each in position order) comes from cumulative counts, not a
+    stable sort, so that torch.export and ONNX trace it as it is; the width is a data-dependent size there.
     """
-    rows = _rows(rows, tokens)
-    counts = keep.sum(dim=1)
-    width = int(counts.max())
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # kept first, in position order
-    samples = rows % batch
-    index = order[:, :width].index_select(0, samples)
-    valid = (torch.arange(width, device=keep.device)[None, :] < counts[:, None]).index_select(0, samples)
-    return index, valid
-
-
-@export_form(select_tokens)
-def select_tokens_traceable(keep: torch.Tensor, rows: Optional[torch.Tensor], batch: int, tokens: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`select_tokens` for torch.export / ONNX: the same permutation from cumulative counts (ONNX has
-    no stable sort), the width as a data-dependent size."""
     rows = _rows(rows, tokens)
     counts = keep.sum(dim=1)
     width = counts.max().item()

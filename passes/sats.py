@@ -300,23 +300,12 @@ def cfg_branch_guard_traceable(stopped: torch.Tensor, cache_rows: torch.Tensor, 
 def guard_discrepancy(logits: torch.Tensor, active: torch.Tensor, batch: int,
                       valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Delta per sample (B,) from the running rows' logits; NaN for samples whose unconditional row did not run.
-    ``valid`` (running rows, tokens): which token positions of each row are the sample's own (None: all)."""
-    delta = torch.full((batch,), float("nan"), device=logits.device)
-    running = active[batch:] - batch
-    if running.numel():
-        own = valid[:batch].index_select(0, running) if valid is not None else None
-        delta[running] = branch_discrepancy(logits[:batch].index_select(0, running), logits[batch:], own).to(delta.dtype)
-    return delta
-
-
-@export_form(guard_discrepancy)
-def guard_discrepancy_traceable(logits: torch.Tensor, active: torch.Tensor, batch: int,
-                                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """:func:`guard_discrepancy` without the branch on the number of running rows."""
+    ``valid`` (running rows, tokens): which token positions of each row are the sample's own (None: all).
+    No branch on the number of running rows, so torch.export traces it as it is."""
     running = active[batch:] - batch
     own = valid[:batch].index_select(0, running) if valid is not None else None
     values = branch_discrepancy(logits[:batch].index_select(0, running), logits[batch:], own)
-    return torch.full((batch,), float("nan"), device=logits.device).index_put((running,), values)
+    return torch.full((batch,), float("nan"), device=logits.device).index_put((running,), values.to(torch.float32))
 
 
 def guided_mix(logits: torch.Tensor, active: torch.Tensor, batch: int, cfg: float) -> torch.Tensor:
