@@ -25,11 +25,11 @@ def main() -> None:
     adapter = get_adapter(args.adapter)
     model = adapter.build_model(args.config, device="meta")
     capture_args = adapter.capture_args(model, pn=args.pn)
-    capture(adapter.capture_plan(model, **capture_args))  # warm-up: one-time lazy imports inside torch
+    capture(adapter.capture_plan(model, adapter.validate(model, **capture_args)))  # warm-up: one-time lazy imports inside torch
     times, nodes = [], 0
     for _ in range(args.repeats):
         start = time.perf_counter()
-        captured = capture(adapter.capture_plan(model, **capture_args))
+        captured = capture(adapter.capture_plan(model, adapter.validate(model, **capture_args)))
         times.append(time.perf_counter() - start)
         nodes = sum(len(s.module.graph.nodes) for s in captured.scales)
     start = time.perf_counter()

@@ -11,18 +11,24 @@ import contextlib
 import importlib
 import pkgutil
 from importlib.metadata import entry_points
-from typing import Any, Callable, ClassVar, ContextManager, Optional, Sequence
+from typing import Any, Callable, ClassVar, ContextManager, Hashable, Optional
 
 import torch
 
+from .capture import CapturePlan
 from .errors import ConfigError
+from .runner import ScaleRunner
 
 
 class ModelAdapter(abc.ABC):
-    """Everything the core asks of a model family. Subclass it: the abstract members are required (a class
-    missing one cannot be instantiated, and :func:`get_adapter` names what is missing); the others have defaults.
+    """Everything the core asks of a model family (see docs/adapters.md). Subclass it: the abstract members are
+    required (a class missing one cannot be instantiated, and :func:`get_adapter` names what is missing); the
+    others have defaults. The core calls these members and nothing else of the model.
 
-    The core calls these members and nothing else of the model; model knowledge stays in the adapter.
+    The flow of one optimized call: ``args = validate(model, **kwargs)`` (once, before any work) ->
+    ``capture_key(model, args)`` (is a graph set cached?) -> ``capture_plan(model, args)`` (capture, then the
+    passes rewrite the graphs by the roles the plan declares) -> ``sample(model, args, GraphRunner(...))``: the
+    family's own sampler, on the graphs instead of the eager steps.
     """
 
     name: ClassVar[str]
@@ -41,40 +47,44 @@ class ModelAdapter(abc.ABC):
 
     @abc.abstractmethod
     def validate(self, model: Any, **generate_kwargs: Any) -> Any:
-        """Check ``generate``'s arguments as the baseline does and raise a clear error before any work; the
-        optimized model calls it before capturing, so a rejected call costs nothing."""
+        """Check the sampler's keyword arguments as the baseline does and return them checked (the family's own
+        type, opaque to the core); raise an ``InputError`` naming the bad or unknown argument. Called once per
+        call, before any capture or work, so a rejected call costs nothing and caches nothing."""
 
     @abc.abstractmethod
-    def generate(self, model: Any, scale_runner: Any = None, **generate_kwargs: Any) -> Any:
-        """The unaccelerated sampler. With ``scale_runner`` (from :meth:`graph_runner`), the same loop runs the
-        captured graphs instead of the eager model, so the baseline and the optimized model share sampling."""
+    def sample(self, model: Any, args: Any, scale_runner: Optional[ScaleRunner] = None) -> Any:
+        """The unaccelerated sampler on checked ``args``, written against :class:`graphsurgeon.runner.ScaleRunner`;
+        None means the family's eager runner. graphsurgeon passes a ``GraphRunner`` over the captured graphs, so
+        the baseline and the optimized model share sampling. The result has a ``stats`` attribute (None) that
+        the optimized model sets to what its passes did."""
 
     @abc.abstractmethod
-    def baseline_runner(self, model: Any) -> Any:
-        """The eager scale runner the baseline uses, so that observers (per-scale timers) can wrap it."""
+    def baseline_runner(self, model: Any, args: Any) -> ScaleRunner:
+        """The eager runner the baseline uses for ``args``, so that observers (per-scale timers) can wrap it."""
 
     @abc.abstractmethod
-    def capture_key(self, model: Any, **generate_kwargs: Any) -> Any:
-        """What a captured graph set is specialised to (schedule, batch, prompt lengths, ...): a hashable key;
+    def capture_key(self, model: Any, args: Any) -> Hashable:
+        """What a captured graph set is specialised to (schedule, batch, condition lengths, device, ...):
         calls with equal keys share one graph set."""
 
     @abc.abstractmethod
+    def capture_plan(self, model: Any, args: Any) -> CapturePlan:
+        """The :class:`graphsurgeon.capture.CapturePlan` for ``args``: per-scale steps (the eager runner's own step
+        functions) with their example inputs and roles, the residual steps, the state between scales (KV caches),
+        the CFG layout, and how to switch the model's caching on."""
+
+    @abc.abstractmethod
     def capture_args(self, model: Any, batch_size: int = 1, h_div_w: float = 1.0, pn: str = "1M") -> dict[str, Any]:
-        """Generation arguments with placeholder inputs, to capture without real prompts (check, export)."""
-
-    @abc.abstractmethod
-    def capture_plan(self, model: Any, **generate_kwargs: Any) -> Any:
-        """The :class:`graphsurgeon.capture.CapturePlan` for these arguments: per-scale steps, their inputs,
-        the explicit state between scales, regions and export decompositions."""
-
-    @abc.abstractmethod
-    def graph_runner(self, model: Any, captured: Any, scale_schedule: Any, runtimes: Sequence[Any] = ()) -> Any:
-        """A scale runner that runs ``captured``'s graphs, threading their state and the passes' ``runtimes``."""
+        """Generation keyword arguments with placeholder conditions, to capture without real inputs (check, export)."""
 
     @abc.abstractmethod
     def benchmark_args(self, model: Any, batch_size: int = 1, h_div_w: float = 1.0, pn: str = "1M",
                        seed: int = 0) -> dict[str, Any]:
-        """Seeded generation arguments for benchmarks (random inputs, the family's usual sampling settings)."""
+        """Seeded generation keyword arguments for benchmarks (random conditions, the family's usual settings)."""
+
+    def generate(self, model: Any, scale_runner: Optional[ScaleRunner] = None, **generate_kwargs: Any) -> Any:
+        """The baseline as users call it: validate, then sample."""
+        return self.sample(model, self.validate(model, **generate_kwargs), scale_runner)
 
     def precision(self, model: Any, dtype: Any) -> Callable[[], ContextManager[Any]]:
         """Prepare ``model`` for ``dtype`` and return a factory of the context to run in. Default: float32 only."""
@@ -130,15 +140,36 @@ def available_adapters() -> list[str]:
     return sorted(names)
 
 
+def _import_reference(reference: str) -> Callable[[], ModelAdapter]:
+    """``package.module:Name`` -> the object it names (an adapter class outside the repository)."""
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"adapter {reference!r}: write an outside adapter as package.module:ClassName")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"adapter {reference!r}: cannot import module {err.name!r} (is it on PYTHONPATH?)") from None
+    factory = getattr(module, attribute, None)
+    if factory is None:
+        raise ConfigError(f"adapter {reference!r}: module {module_name!r} has no attribute {attribute!r}")
+    return factory
+
+
 def get_adapter(name: str) -> ModelAdapter:
-    """Return a fresh adapter instance for ``name`` (e.g. the package name under ``model_adapters``); a
-    ConfigError names what the contract (:class:`ModelAdapter`) needs and the adapter lacks."""
-    if name not in _REGISTRY:
-        _discover(name)
-    if name not in _REGISTRY:
-        known = ", ".join(available_adapters()) or "none found"
-        raise ConfigError(f"unknown adapter {name!r} (known: {known})")
-    factory = _REGISTRY[name]
+    """Return a fresh adapter instance for ``name``: a registered name (a package under ``model_adapters``, an
+    entry point) or ``package.module:ClassName`` for an adapter anywhere on the path. A ConfigError names what
+    the contract (:class:`ModelAdapter`) needs and the adapter lacks."""
+    if ":" in name:
+        factory = _import_reference(name)
+    else:
+        if name not in _REGISTRY:
+            _discover(name)
+        if name not in _REGISTRY:
+            known = ", ".join(available_adapters()) or "none found"
+            raise ConfigError(f"unknown adapter {name!r} (known: {known}, or package.module:ClassName)")
+        factory = _REGISTRY[name]
+    if not callable(factory):
+        raise ConfigError(f"adapter {name!r} is a {type(factory).__name__}, not a ModelAdapter class")
     missing = missing_members(factory) if isinstance(factory, type) else []
     if missing or (isinstance(factory, type) and not issubclass(factory, ModelAdapter)):
         detail = f"it lacks {missing}" if missing else "it does not subclass graphsurgeon.ModelAdapter"

@@ -67,7 +67,7 @@ def _prepare(args: argparse.Namespace, device: str, seed: Optional[int] = None) 
 def check(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     adapter, model, capture_args = _prepare(args, device="meta")
-    captured = capture(adapter.capture_plan(model, **capture_args))
+    captured = capture(adapter.capture_plan(model, adapter.validate(model, **capture_args)))
     if args.json:
         print(json.dumps(captured.report.to_dict(), indent=2, default=str))
     else:

@@ -8,8 +8,9 @@ import torch
 
 from .adapters import ModelAdapter
 from .capture import CapturedModel, CaptureReport, capture
+from .passes import order_passes
 from .report import snapshot
-from .rewrite import lint_pass
+from .runner import GraphRunner
 
 
 class OptimizedModel:
@@ -27,6 +28,7 @@ class OptimizedModel:
 
     def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, passes: list):
         self.model, self.adapter, self.passes = model, adapter, passes
+        self._ordered = order_passes(passes)  # applied in the order their runs_before constraints give
         self._captured: dict[Any, CapturedModel] = {}
         self._edits: dict[Any, list[dict]] = {}
         self._snapshots: dict[Any, dict] = {}
@@ -41,28 +43,30 @@ class OptimizedModel:
     def capture(self, **generate_kwargs: Any) -> CapturedModel:
         """The graph set for these generation arguments, captured on first use. The arguments are validated
         first, so a rejected call captures and caches nothing."""
-        self.adapter.validate(self.model, **generate_kwargs)
-        key = self.adapter.capture_key(self.model, **generate_kwargs)
+        return self._graphs_for(self.adapter.validate(self.model, **generate_kwargs))
+
+    def _graphs_for(self, args: Any) -> CapturedModel:
+        """The graph set for checked arguments (the adapter's ``validate`` result)."""
+        key = self.adapter.capture_key(self.model, args)
         captured = self._captured.get(key)
         if captured is None:
             with self._capture_lock:
                 captured = self._captured.get(key)
                 if captured is None:
-                    captured = self._capture(key, generate_kwargs)
+                    captured = self._capture(key, args)
         self._last_key = key
         return captured
 
-    def _capture(self, key: Any, generate_kwargs: dict[str, Any]) -> CapturedModel:
+    def _capture(self, key: Any, args: Any) -> CapturedModel:
         """Capture, snapshot and rewrite one graph set; it is published (``_captured[key]`` last) only once
         complete, so a failure caches nothing and readers without the lock never see a half-made set."""
-        captured = capture(self.adapter.capture_plan(self.model, **generate_kwargs))
+        captured = capture(self.adapter.capture_plan(self.model, args))
         snapshots = {("scale", s.index): snapshot(s.module) for s in captured.scales}
         snapshots.update({(name, g.index): snapshot(g.module)
                           for name, graphs in captured.regions.items() for g in graphs})
         edits = []
-        for graph_pass in sorted(self.passes, key=lambda p: p.order):
-            edits += graph_pass.apply(captured)
-            lint_pass(captured, graph_pass.name)  # a pass that breaks the node contract fails here, named
+        for graph_pass in self._ordered:
+            edits += [edit.as_dict() for edit in graph_pass(captured).edits]
         self._edits[key] = edits
         self._snapshots[key] = snapshots
         self._captured[key] = captured
@@ -71,14 +75,15 @@ class OptimizedModel:
     def generate(self, **kwargs: Any):
         """The adapter's sampler on the graphs. The returned output's ``stats`` are this call's (as ``stats``
         describes); ``fast.stats`` becomes them when the call completes."""
-        captured = self.capture(**kwargs)
-        passes = [p for p in self.passes if hasattr(p, "runtime")]
-        runtimes = [p.runtime(captured) for p in passes]
-        runner = self.adapter.graph_runner(self.model, captured, kwargs["scale_schedule"],
-                                           runtimes + list(self.extra_runtimes))
+        args = self.adapter.validate(self.model, **kwargs)
+        captured = self._graphs_for(args)
+        with_runtime = [(p, p.runtime(captured)) for p in self.passes]
+        passes = [p for p, runtime in with_runtime if runtime is not None]
+        runtimes = [runtime for _, runtime in with_runtime if runtime is not None]
+        runner = GraphRunner(captured, runtimes + list(self.extra_runtimes))
         for wrap in list(self.runner_wrappers):
             runner = wrap(runner)
-        output = self.adapter.generate(self.model, scale_runner=runner, **kwargs)
+        output = self.adapter.sample(self.model, args, runner)
         stats: dict[str, Any] = {p.name: runtime.stats for p, runtime in zip(passes, runtimes)}
         if runtimes:
             stats["summary"] = _summary(captured, stats)
@@ -139,8 +144,10 @@ class OptimizedModel:
 
 
 def _rows(captured: CapturedModel) -> int:
-    """Batch rows the scale graphs were captured for (2B with CFG)."""
-    return next(n for n in captured.scales[0].module.graph.nodes if n.op == "placeholder").meta["val"].shape[0]
+    """Batch rows the scale graphs were captured for (2B with CFG): the extent of the token input's row axis."""
+    scale = captured.scales[0]
+    token_input = next(n for n in scale.module.graph.nodes if n.op == "placeholder" and n.target == scale.token_input)
+    return token_input.meta["val"].shape[0]
 
 
 def _summary(captured: CapturedModel, per_pass: dict[str, list[dict]]) -> list[dict]:

@@ -12,22 +12,25 @@ from typing import Any, Optional
 
 from torch.utils.flop_counter import FlopCounterMode
 
+from .runner import PassRuntime
 
-class FlopCounterRuntime:
+
+class FlopCounterRuntime(PassRuntime):
     """A pass runtime that only counts: it opens a FLOP counter before each graph call and closes it after."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.flops: dict[tuple[int, str], int] = defaultdict(int)
         self._counter: Optional[FlopCounterMode] = None
 
-    def inputs(self, names, device, region: str) -> dict:
+    def inputs(self, graph, region: str, device) -> dict:
         self._counter = FlopCounterMode(display=False)
         self._counter.__enter__()
         return {}
 
-    def observe(self, scale: int, outputs: dict, region: str) -> None:
+    def observe(self, graph, region: str, outputs: dict) -> None:
         self._counter.__exit__(None, None, None)
-        self.flops[(scale, region)] += self._counter.get_total_flops()
+        self.flops[(graph.index, region)] += self._counter.get_total_flops()
         self._counter = None
 
     def per_scale(self) -> list[int]:

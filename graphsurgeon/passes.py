@@ -1,17 +1,22 @@
 """Pass framework: a registry of graph passes, each with a pydantic config, validated before any work.
 
 A pass module (one per pass, under the top-level ``passes`` package) defines a ``GraphPass`` subclass with
-a ``name`` and a ``Config`` model and registers it with :func:`register_pass`. ``optimize`` resolves pass
+a ``name``, a ``Config`` model, its preconditions and its rewrite, and registers it with :func:`register_pass`. ``optimize`` resolves pass
 names and their settings here; a bad value is a ``ConfigError`` naming the pass and the key.
 """
 from __future__ import annotations
 
+import abc
 import importlib
+from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .capture import CapturedModel
 from .errors import ConfigError
+from .rewrite import lint_pass
+from .runner import PassRuntime
 
 
 class PassConfig(BaseModel):
@@ -32,13 +37,51 @@ def resolve_scales(scales: Optional[Sequence[int]], last: int, n_scales: int, pa
     return tuple(range(n_scales - last, n_scales))
 
 
-class GraphPass:
-    """A pass: its settings, and the scales it acts on once a schedule is known."""
+@dataclass(frozen=True)
+class GraphEdit:
+    """One graph a pass changed: which, and how (node names, so the diff report and the manifest can show them)."""
+
+    pass_name: str
+    region: str
+    """"scale" or the region's name (e.g. "residual")."""
+    scale: int
+    added: tuple[str, ...] = ()
+    """Nodes the pass inserted."""
+    rewired: tuple[str, ...] = ()
+    """Nodes whose users now read a node the pass inserted."""
+    generalized: tuple[str, ...] = ()
+    """Nodes whose fixed sizes became sizes read at run time (e.g. the kept token count)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pass": self.pass_name, "region": self.region, "scale": self.scale, "added": list(self.added),
+                "rewired": list(self.rewired), "generalized": list(self.generalized)}
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What one pass did to a graph set (torch.fx's ``PassResult``, with the edits listed)."""
+
+    pass_name: str
+    edits: tuple[GraphEdit, ...]
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.edits)
+
+
+class GraphPass(abc.ABC):
+    """A pass, after torch.fx's ``PassBase``: preconditions, the rewrite, postconditions, a typed result.
+
+    ``requires`` refuses a graph set the pass cannot handle with a ConfigError naming what is missing (a role
+    the adapter did not declare, a layout the pass does not support) before any graph is edited; ``rewrite``
+    edits the graphs; ``ensures`` checks the pass's own promises afterwards (the node contract of
+    :mod:`graphsurgeon.rewrite` is checked for every pass). Order among passes comes from ``runs_before``.
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type[PassConfig]]
-    order: ClassVar[int] = 0
-    """Passes are applied in this order whatever order the user lists them in."""
+    runs_before: ClassVar[tuple[str, ...]] = ()
+    """Passes that must run after this one when both are enabled (e.g. a row guard before a token gather)."""
 
     def __init__(self, config: PassConfig):
         self.config = config
@@ -46,6 +89,42 @@ class GraphPass:
     def scales(self, n_scales: int) -> tuple[int, ...]:
         """The scales this pass acts on in a schedule of ``n_scales`` (a ConfigError if they do not fit)."""
         return resolve_scales(self.config.scales, self.config.last, n_scales, self.name)
+
+    def requires(self, captured: CapturedModel) -> None:
+        """Preconditions: raise a ConfigError naming what this graph set lacks for the pass."""
+
+    @abc.abstractmethod
+    def rewrite(self, captured: CapturedModel) -> list[GraphEdit]:
+        """Edit the graphs in place; return what changed."""
+
+    def ensures(self, captured: CapturedModel) -> None:
+        """Postconditions of this pass beyond the shared node contract (raise PassContractError)."""
+
+    def __call__(self, captured: CapturedModel) -> PassResult:
+        self.requires(captured)
+        edits = tuple(self.rewrite(captured))
+        lint_pass(captured, self.name)  # a pass that breaks the node contract fails here, named
+        self.ensures(captured)
+        return PassResult(self.name, edits)
+
+    def runtime(self, captured: CapturedModel) -> Optional[PassRuntime]:
+        """The per-call state the rewritten graphs need (None: the graphs run on the sampler's inputs alone)."""
+        return None
+
+
+def order_passes(passes: Sequence[GraphPass]) -> list[GraphPass]:
+    """``passes`` in an order meeting every ``runs_before`` among them (otherwise as listed); a cycle is refused."""
+    remaining = list(passes)
+    ordered: list[GraphPass] = []
+    while remaining:
+        names = {p.name for p in remaining}
+        blocked = {after for p in remaining for after in p.runs_before if after in names}
+        ready = [p for p in remaining if p.name not in blocked]
+        if not ready:
+            raise ConfigError(f"passes {sorted(names)} declare a cycle in runs_before")
+        ordered.append(ready[0])
+        remaining.remove(ready[0])
+    return ordered
 
 
 _REGISTRY: dict[str, type[GraphPass]] = {}

@@ -1,7 +1,7 @@
 """LHEP (latent high-frequency energy pruning), LD-Pruning's "where to refine".
 
 At an LHEP scale k the tokens worth computing are chosen from the previous scale's residual map R_{k-1}
-(its codes, (B, C, h, w)):
+((B, C, h, w), the residual step's declared ``residual_output``: BSQ codes, VQ codebook vectors, ...):
 
 1. energy: the 2x2 Haar high-frequency bands (LH, HL, HH), stride 2, per channel, squared and summed over the
    bands and channels -> (B, h/2, w/2);
@@ -34,8 +34,9 @@ from graphsurgeon.capture.dynamic import generalize_axis
 from graphsurgeon.capture.token_axes import propagate_axis
 from graphsurgeon.errors import ConfigError
 from graphsurgeon.meta import annotations
-from graphsurgeon.passes import GraphPass, PassConfig, register_pass
+from graphsurgeon.passes import GraphEdit, GraphPass, PassConfig, register_pass
 from graphsurgeon.rewrite import TOKEN_VALIDITY_ARG, add_input, export_form, tag
+from graphsurgeon.runner import PassRuntime
 
 _HAAR_HIGH = 0.5 * torch.tensor([
     [[-1.0, 1.0], [-1.0, 1.0]],  # LH
@@ -121,16 +122,39 @@ class LHEP(GraphPass):
 
     name: ClassVar[str] = "lhep"
     Config: ClassVar[type[PassConfig]] = LHEPConfig
-    order: ClassVar[int] = 1
 
     def mask(self, previous_residual: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Kept tokens (B, h*w) of a scale with token grid ``grid`` given R_{k-1} (B, C, h', w')."""
         return keep_mask(energy_map(previous_residual, grid).flatten(1), self.config.rho)
 
-    def apply(self, captured) -> list[dict]:
+    def requires(self, captured) -> None:
+        """The roles LHEP reads: each scale's token input and logits, and a residual step per scale with its
+        drawn values (and their grid dimensions) and R_k as a (B, C, h, w) map."""
         lhep_scales = self.scales(len(captured.scales))
+        self.fixed_fractions(len(captured.scales), lhep_scales)
+        if not lhep_scales:
+            return
         if 0 in lhep_scales:
             raise ConfigError("pass 'lhep' cannot act on scale 0: it has no previous residual to rank tokens by")
+        for scale in captured.scales:
+            if scale.token_input is None or scale.logits_output is None:
+                raise ConfigError(f"pass 'lhep': scale {scale.index} declares no token_input / logits_output (the "
+                                  "tokens to gather and the logits to scatter back)")
+        residual = captured.residual
+        if not residual:
+            raise ConfigError("pass 'lhep' needs the residual step of every scale that runs (CapturePlan.residual); "
+                              "the plan declares none")
+        for graph in residual:
+            if graph.sampled_input is None or graph.sampled_axes is None or graph.residual_output is None:
+                raise ConfigError(f"pass 'lhep': residual step {graph.index} must declare sampled_input, "
+                                  "sampled_axes and residual_output (what Eq. 14 overwrites, and R_k)")
+            value = _output_value(graph, graph.residual_output)
+            if value.dim() != 4:
+                raise ConfigError(f"pass 'lhep': residual step {graph.index}'s residual_output "
+                                  f"{graph.residual_output!r} has shape {tuple(value.shape)}; R_k must be (B, C, h, w)")
+
+    def rewrite(self, captured) -> list[GraphEdit]:
+        lhep_scales = self.scales(len(captured.scales))
         if not lhep_scales:
             return []
         fixed = self.fixed_fractions(len(captured.scales), lhep_scales)
@@ -140,25 +164,23 @@ class LHEP(GraphPass):
         total_rows = rows.meta["val"].shape[0]
         batch = captured.plan.cfg_batch or total_rows
         edits = []
-        ran = len(captured.regions["residual"])  # scales that run (``num_scales``); later graphs are never called
+        ran = len(captured.residual)  # scales that run (``num_scales``); later graphs are never called
         for scale in captured.scales[first:ran]:
             rule = None
             if scale.index in lhep_scales:
                 rule = (fixed_keep_mask, fixed[scale.index]) if fixed else (keep_mask, self.config.rho)
-            example = self.previous_codes_example(captured, scale.index) if rule else None
+            example = self.previous_residual_example(captured, scale.index) if rule else None
             edits.append(_rewrite_scale(scale, batch, total_rows, rule, example))
-        residual = captured.regions["residual"]
-        for graph in residual[first - 1:]:
+        for graph in captured.residual[first - 1:]:
             edits.append(_rewrite_residual(graph, captured.scales[graph.index].grid, graph.index in lhep_scales))
         return edits
 
     @staticmethod
-    def previous_codes_example(captured, scale_index: int) -> torch.Tensor:
-        """Example R_{k-1} for export: the previous residual step's codes, random on its shape, with a flat
-        (zero) quarter so that the two export checks keep different token counts."""
-        graph = captured.regions["residual"][scale_index - 1]
-        output = next(n for n in reversed(graph.module.graph.nodes) if n.op == "output")
-        value = output.args[0][graph.output_names.index("codes")].meta["val"]
+    def previous_residual_example(captured, scale_index: int) -> torch.Tensor:
+        """Example R_{k-1} for export: random on the previous residual step's R_k shape, with a flat (zero)
+        quarter so that the two export checks keep different token counts."""
+        graph = captured.residual[scale_index - 1]
+        value = _output_value(graph, graph.residual_output)
         return torch.randn(value.shape, generator=torch.Generator().manual_seed(scale_index)).to(value.dtype)
 
     def fixed_fractions(self, n_scales: int, lhep_scales: tuple[int, ...]) -> Optional[dict[int, float]]:
@@ -176,6 +198,14 @@ class LHEP(GraphPass):
 
     def runtime(self, captured) -> "LHEPRuntime":
         return LHEPRuntime(captured)
+
+
+def _output_value(graph, name: str) -> torch.Tensor:
+    """The meta value of ``graph``'s output ``name``."""
+    output = next(n for n in reversed(graph.module.graph.nodes) if n.op == "output")
+    if name not in graph.output_names:
+        raise ConfigError(f"pass 'lhep': step {graph.index} has no output {name!r} (outputs: {graph.output_names})")
+    return output.args[0][graph.output_names.index(name)].meta["val"]
 
 
 def _nodes(graph: torch.fx.Graph) -> dict[str, torch.fx.Node]:
@@ -278,14 +308,15 @@ def _rewrite_scale(scale, batch: int, total_rows: int, rule: Optional[tuple], pr
     added.append(mask)
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     values = list(output.args[0])
-    logits = values[0]
+    logits_position = scale.output_names.index(scale.logits_output)
+    logits = values[logits_position]
     with graph.inserting_before(output):
         new_history = _tag(graph.call_function(extend_history, (history, valid, active, total_rows, key)), "kv_validity")
         extras, names = [new_history], ["lhep_history_out"]
         if index is not None:
             _fill_token_validity(graph, valid)
             full = _tag(graph.call_function(scatter_tokens, (logits, index, valid, scale.tokens)), "scatter_logits")
-            values[0] = full
+            values[logits_position] = full
             extras.append(keep)
             names.append("lhep_keep")
             added.append(full)
@@ -295,8 +326,8 @@ def _rewrite_scale(scale, batch: int, total_rows: int, rule: Optional[tuple], pr
     scale.output_names = scale.output_names + names
     graph.lint()
     module.recompile()
-    return {"pass": "lhep", "region": "scale", "scale": scale.index, "added": [n.name for n in added],
-            "generalized": changed, "rewired": [tokens.name] if index is not None else []}
+    return GraphEdit("lhep", "scale", scale.index, added=tuple(n.name for n in added), generalized=tuple(changed),
+                     rewired=(tokens.name,) if index is not None else ())
 
 
 def _fill_token_validity(graph: torch.fx.Graph, valid: torch.fx.Node) -> None:
@@ -329,60 +360,65 @@ def _expression(node: torch.fx.Node, mutated: set, memo: dict) -> Optional[tuple
     return memo[node]
 
 
-def _rewrite_residual(scale, grid: tuple, prune: bool) -> dict:
+def _rewrite_residual(scale, grid: tuple, prune: bool) -> GraphEdit:
+    """At an LHEP scale, the drawn values become Eq. 14's mix of them and R_{k-1}'s; at every residual step from
+    the one before the first LHEP scale on, the values used are an output (the next LHEP scale's R_{k-1})."""
     module, graph = scale.module, scale.module.graph
-    bits = next(n for n in graph.nodes if n.op == "placeholder" and n.target == "bits")
-    result, added = bits, []
+    sampled = next(n for n in graph.nodes if n.op == "placeholder" and n.target == scale.sampled_input)
+    result, added = sampled, []
     if prune:
         last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-        value = bits.meta["val"]
+        value = sampled.meta["val"]
         generator = torch.Generator().manual_seed(scale.index)
         keep_example = torch.rand(value.shape[0], grid[-2] * grid[-1], generator=generator) < 0.5
         keep = add_input(graph, "lhep_keep", last, "lhep", "mask_input", [keep_example])
-        bits_example = torch.randint(0, 2, tuple(value.shape), generator=generator).to(value.dtype)
-        previous = add_input(graph, "lhep_prev_bits", keep, "lhep", "residual_input", [bits_example])
+        previous_example = torch.randint(0, 2, tuple(value.shape), generator=generator).to(value.dtype)
+        previous = add_input(graph, "lhep_prev_sampled", keep, "lhep", "residual_input", [previous_example])
         with graph.inserting_after(previous):
-            result = _tag(graph.call_function(residual_scatter, (bits, keep, previous, tuple(grid[-2:]))), "scatter_residual")
-        bits.replace_all_uses_with(result, delete_user_cb=lambda user: user is not result)
-        scale.input_names = scale.input_names + ["lhep_keep", "lhep_prev_bits"]
+            result = _tag(graph.call_function(residual_scatter, (sampled, keep, previous, tuple(grid[-2:]),
+                                                                 tuple(scale.sampled_axes))), "scatter_residual")
+        sampled.replace_all_uses_with(result, delete_user_cb=lambda user: user is not result)
+        scale.input_names = scale.input_names + ["lhep_keep", "lhep_prev_sampled"]
         added = [keep, previous, result]
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     output.args = (tuple(output.args[0]) + (result,),)
-    scale.output_names = scale.output_names + ["bits"]
+    scale.output_names = scale.output_names + [scale.sampled_input]
     graph.lint()
     module.recompile()
-    return {"pass": "lhep", "region": "residual", "scale": scale.index, "added": [n.name for n in added],
-            "rewired": ["bits"] if prune else []}
+    return GraphEdit("lhep", "residual", scale.index, added=tuple(n.name for n in added),
+                     rewired=(sampled.name,) if prune else ())
 
 
-class LHEPRuntime:
-    """Carries R_{k-1}, the keep masks and the key-validity record between the graphs of one ``generate``."""
+class LHEPRuntime(PassRuntime):
+    """Carries R_{k-1}, the drawn values, the keep masks and the key-validity record between the graphs of one
+    ``generate``."""
 
     def __init__(self, captured):
+        super().__init__()
         self.tokens = [s.tokens for s in captured.scales]
-        self.previous_codes = self.previous_bits = self.keep = self.history = None
-        self.stats: list[dict] = []
+        self.previous_residual = self.previous_sampled = self.keep = self.history = None
 
-    def inputs(self, names: list[str], device: torch.device, region: str) -> dict:
-        offered = ({"lhep_prev_codes": self.previous_codes, "lhep_history": self.history} if region == "scale"
-                   else {"lhep_keep": self.keep, "lhep_prev_bits": self.previous_bits})
-        return {name: value for name, value in offered.items() if name in names}
+    def inputs(self, graph, region: str, device: torch.device) -> dict:
+        offered = ({"lhep_prev_codes": self.previous_residual, "lhep_history": self.history} if region == "scale"
+                   else {"lhep_keep": self.keep, "lhep_prev_sampled": self.previous_sampled})
+        return {name: value for name, value in offered.items() if name in graph.input_names}
 
-    def observe(self, scale: int, outputs: dict, region: str) -> None:
-        if region == "residual":
-            self.previous_codes, self.previous_bits = outputs["codes"], outputs.get("bits")
+    def observe(self, graph, region: str, outputs: dict) -> None:
+        if region != "scale":
+            self.previous_residual = outputs[graph.residual_output]
+            self.previous_sampled = outputs[graph.sampled_input]
             return
         self.history = outputs.get("lhep_history_out", self.history)
         self.keep = outputs.get("lhep_keep")
         kept = self.keep.sum(dim=1).tolist() if self.keep is not None else None
         width = max(kept) if kept else None  # every row that runs computes this many token positions (padding)
-        self.stats.append({"scale": scale, "tokens": self.tokens[scale], "kept": kept, "width": width})
+        self.stats.append({"scale": graph.index, "tokens": self.tokens[graph.index], "kept": kept, "width": width})
 
 
 # -- nodes the rewrite inserts ----------------------------------------------------------------------------
-def lhep_energy(previous_codes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, C, 1, h', w') codes of the previous scale -> (B, h*w) token energies on this scale's grid."""
-    return energy_map(previous_codes.flatten(1, 2) if previous_codes.dim() == 5 else previous_codes, grid).flatten(1)
+def lhep_energy(previous_residual: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """R_{k-1} (B, C, h', w') -> (B, h*w) token energies on this scale's grid."""
+    return energy_map(previous_residual, grid).flatten(1)
 
 
 def select_tokens(keep: torch.Tensor, rows: Optional[torch.Tensor], batch: int, tokens: torch.Tensor
@@ -510,14 +546,26 @@ def extend_history(history: Optional[torch.Tensor], valid: Optional[torch.Tensor
     return torch.cat([history, new], dim=1)
 
 
-def residual_scatter(bits: torch.Tensor, keep: torch.Tensor, previous_bits: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Eq. 14: kept positions take this scale's bits, skipped ones the previous residual upsampled (nearest).
+def residual_scatter(sampled: torch.Tensor, keep: torch.Tensor, previous: torch.Tensor, grid: tuple[int, int],
+                     axes: tuple[int, int]) -> torch.Tensor:
+    """Eq. 14: kept positions take this scale's drawn values, skipped ones the previous scale's, upsampled (nearest).
 
-    bits (B, 1, h', w', d) on the VAE grid; keep (B, h*w) on the token grid (h', w' may be 2x it: patchify)."""
+    ``sampled`` and ``previous``: batch first, their (height, width) at ``axes`` (any other dimensions, e.g. the
+    bits of a code, ride along); keep (B, h*w) on the token grid, whose size the drawn grid may be a multiple of
+    (2x2 patchify). Binary, categorical and float values alike: nothing is rounded."""
     if bool(keep.all()):
-        return bits
-    batch, _, height, width, depth = bits.shape
-    base = F.interpolate(previous_bits[:, 0].permute(0, 3, 1, 2).float(), size=(height, width), mode="nearest")
-    base = base.permute(0, 2, 3, 1).to(bits.dtype)[:, None]
-    mask = F.interpolate(keep.reshape(batch, 1, *grid).float(), size=(height, width), mode="nearest").bool()
-    return torch.where(mask.reshape(batch, 1, height, width, 1), bits, base)
+        return sampled
+    x = sampled.movedim(axes, (-2, -1))
+    height, width = x.shape[-2:]
+    base = _nearest(previous.movedim(axes, (-2, -1)), (height, width)).to(sampled.dtype)
+    mask = F.interpolate(keep.reshape(keep.shape[0], 1, *grid).float(), size=(height, width), mode="nearest").bool()
+    mask = mask.reshape(keep.shape[0], *([1] * (x.dim() - 3)), height, width)
+    return torch.where(mask, x, base).movedim((-2, -1), axes)
+
+
+def _nearest(value: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest upsampling of the last two dimensions, exact for any dtype (integers go through a float type that
+    holds them exactly)."""
+    work = value if value.is_floating_point() else value.to(torch.float32 if value.element_size() <= 2 else torch.float64)
+    flat = work.reshape(-1, 1, *work.shape[-2:])
+    return F.interpolate(flat, size=size, mode="nearest").reshape(*work.shape[:-2], *size)

@@ -10,6 +10,11 @@ under LHEP. Then ``gamma_k = |Delta_k - Delta_prev| / (Delta_prev + eps)`` with 
 scale where both branches ran; at the first such scale there is no Delta_prev and no stop (the paper's
 Delta_0 = 0 convention gives the same). Once ``gamma_k < delta`` the sample's unconditional branch is not
 computed for any later scale; its guidance uses the conditional logits. Each sample of a batch decides alone.
+
+Model-neutral: the pass reads the CFG layout (``cfg_batch``: rows [0:B] conditional, [B:2B] unconditional), the
+per-row inputs, the optional packed per-row input and the logits from the roles the adapter declares, and it
+never mixes the branches itself: the guided logits of the samples still running come from the sampler's own
+rule (``runner.guide``), so any mix (Infinity's ``cfg*c + (1-cfg)*u``, VAR's ramp ``(1+t)*c - t*u``) is kept.
 """
 from __future__ import annotations
 
@@ -26,8 +31,9 @@ from graphsurgeon.capture.dynamic import generalize_axis
 from graphsurgeon.capture.token_axes import propagate_axis
 from graphsurgeon.errors import ConfigError
 from graphsurgeon.meta import annotate, annotations
-from graphsurgeon.passes import GraphPass, PassConfig, register_pass
+from graphsurgeon.passes import GraphEdit, GraphPass, PassConfig, register_pass
 from graphsurgeon.rewrite import TOKEN_VALIDITY_ARG, add_input, export_form
+from graphsurgeon.runner import GuidanceRule, PassRuntime
 
 
 def branch_discrepancy(cond: torch.Tensor, uncond: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -86,24 +92,37 @@ class SATSConfig(PassConfig):
 @register_pass
 class SATS(GraphPass):
     """Inserts the CFG-branch guard at the entry of every scale from the first SATS scale on, and the
-    discrepancy at the exit of SATS scales; makes those graphs generic in their batch and text rows."""
+    discrepancy at the exit of SATS scales; makes those graphs generic in their batch rows and packed rows."""
 
     name: ClassVar[str] = "sats"
     Config: ClassVar[type[PassConfig]] = SATSConfig
-    order: ClassVar[int] = 0  # before LHEP, which gathers from the rows the guard lets through
+    runs_before: ClassVar[tuple[str, ...]] = ("lhep",)  # LHEP gathers from the rows the guard lets through
 
-    def apply(self, captured) -> list[dict]:
-        batch = captured.plan.cfg_batch
-        if batch is None:
-            raise ConfigError("pass 'sats' needs classifier-free guidance on a doubled batch (cfg != 1)")
+    def requires(self, captured) -> None:
+        """CFG on a doubled batch, and on every guarded scale: the per-row inputs, the logits, and state whose
+        rows run along its first dimension (the guard selects the running rows of each)."""
+        if captured.plan.cfg_batch is None:
+            raise ConfigError("pass 'sats' needs classifier-free guidance on a doubled batch (the plan's cfg_batch; "
+                              "for Infinity-like samplers: cfg != 1)")
         sats_scales = self.scales(len(captured.scales))
         self.fixed_stop(len(captured.scales))  # a bad stop scale is refused before any graph is edited
         if not sats_scales:
-            return []
-        edits = []
+            return
         for scale in captured.scales[min(sats_scales):]:
-            edits.append(_rewrite_scale(scale, batch, scale.index in sats_scales))
-        return edits
+            if not scale.row_inputs or scale.logits_output is None:
+                raise ConfigError(f"pass 'sats': scale {scale.index} declares no row_inputs / logits_output (the "
+                                  "per-row inputs the guard selects, the logits it compares)")
+        rowwise = [slot.name for slot in captured.state if slot.row_axis != 0]
+        if rowwise:
+            raise ConfigError(f"pass 'sats': state {rowwise} does not run over the batch rows along dimension 0; "
+                              "the guard cannot select its running rows")
+
+    def rewrite(self, captured) -> list[GraphEdit]:
+        sats_scales = self.scales(len(captured.scales))
+        if not sats_scales:
+            return []
+        return [_rewrite_scale(scale, captured.plan.cfg_batch, scale.index in sats_scales)
+                for scale in captured.scales[min(sats_scales):]]
 
     def fixed_stop(self, n_scales: int) -> Optional[int]:
         """The benchmark-only stop scale (a SATS scale other than the last), or None (the delta rule)."""
@@ -121,14 +140,12 @@ class SATS(GraphPass):
         return SATSRuntime(captured.plan.cfg_batch, set(self.scales(n_scales)), self.config, self.fixed_stop(n_scales))
 
 
-def _rewrite_scale(scale, batch: int, with_discrepancy: bool) -> dict:
+def _rewrite_scale(scale, batch: int, with_discrepancy: bool) -> GraphEdit:
     module = scale.module
     graph = module.graph
     placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
-    if scale.packed_inputs is None or not scale.row_inputs:
-        raise ConfigError(f"pass 'sats': scale {scale.index} declares no per-row inputs / packed text to select")
     rows = [placeholders[name] for name in scale.row_inputs]
-    packed = [placeholders[name] for name in scale.packed_inputs]
+    packed = [placeholders[name] for name in scale.packed_inputs or ()]
     caches = [placeholders[name] for name in scale.state_inputs]
     last = list(placeholders.values())[-1]
     none_stopped = torch.zeros(batch, dtype=torch.bool)
@@ -158,18 +175,21 @@ def _rewrite_scale(scale, batch: int, with_discrepancy: bool) -> dict:
     rows_extent = rows[0].meta["val"].shape[0]
     propagate_axis(graph, tokens_rows, 0, rows_extent, key="row_axis")
     changed = generalize_axis(module, tokens_rows, 0, rows_extent, key="row_axis", role="row_count")
-    text_values = outputs[packed[0].name]
-    text_extent = packed[0].meta["val"].shape[0]
-    propagate_axis(graph, text_values, 0, text_extent, key="text_row_axis")
-    changed += generalize_axis(module, text_values, 0, text_extent, key="text_row_axis", role="text_row_count")
+    if packed:
+        packed_values = outputs[packed[0].name]
+        packed_extent = packed[0].meta["val"].shape[0]
+        propagate_axis(graph, packed_values, 0, packed_extent, key="packed_row_axis")
+        changed += generalize_axis(module, packed_values, 0, packed_extent, key="packed_row_axis",
+                                   role="packed_row_count")
     selected = _select_row_constants(module, rows_extent, active, scale.index)
     output_node = next(n for n in reversed(graph.nodes) if n.op == "output")
     values = list(output_node.args[0])
     n_state = len(scale.state_outputs)
     extras, names = [active], ["sats_active_rows"]
     if with_discrepancy:
+        logits = values[scale.output_names.index(scale.logits_output)]
         with graph.inserting_before(output_node):
-            delta = graph.call_function(guard_discrepancy, (values[0], active, batch, None))
+            delta = graph.call_function(guard_discrepancy, (logits, active, batch, None))
         annotate(delta, **{"pass": "sats", "role": "branch_discrepancy", TOKEN_VALIDITY_ARG: 3})
         extras.append(delta)
         names.append("sats_delta")
@@ -178,8 +198,8 @@ def _rewrite_scale(scale, batch: int, with_discrepancy: bool) -> dict:
     scale.input_names = scale.input_names + ["sats_stopped", "sats_cache_rows"]
     graph.lint()
     module.recompile()
-    return {"pass": "sats", "scale": scale.index, "added": [guard.name, *(n.name for n in extras), *selected],
-            "rewired": [n.name for n in rows + packed + caches], "generalized": changed}
+    return GraphEdit("sats", "scale", scale.index, added=(guard.name, *(n.name for n in extras), *selected),
+                     rewired=tuple(n.name for n in rows + packed + caches), generalized=tuple(changed))
 
 
 def _select_row_constants(module, rows: int, active: torch.fx.Node, scale_index: int) -> list[str]:
@@ -206,24 +226,25 @@ def _select_row_constants(module, rows: int, active: torch.fx.Node, scale_index:
     return selected
 
 
-class SATSRuntime:
+class SATSRuntime(PassRuntime):
     """Carries the per-sample guard between scales of one ``generate`` and records what ran."""
 
     def __init__(self, batch: int, sats_scales: set[int], config: SATSConfig, fixed_stop: Optional[int] = None):
+        super().__init__()
         self.batch, self.sats_scales, self.config, self.fixed_stop = batch, sats_scales, config, fixed_stop
         self.guard = GuardState(batch)
         self.active: Optional[torch.Tensor] = None
-        self.stats: list[dict] = []
 
-    def inputs(self, names: list[str], device: torch.device, region: str) -> dict[str, torch.Tensor]:
-        if region != "scale" or "sats_stopped" not in names:
+    def inputs(self, graph, region: str, device: torch.device) -> dict[str, torch.Tensor]:
+        if region != "scale" or "sats_stopped" not in graph.input_names:
             return {}
         cache_rows = self.active if self.active is not None else torch.arange(2 * self.batch)
         return {"sats_stopped": self.guard.stopped.to(device), "sats_cache_rows": cache_rows.to(device)}
 
-    def observe(self, scale: int, outputs: dict[str, torch.Tensor], region: str) -> None:
+    def observe(self, graph, region: str, outputs: dict[str, torch.Tensor]) -> None:
         if region != "scale":
             return
+        scale = graph.index
         active = outputs.get("sats_active_rows")
         self.active = active.cpu() if active is not None else None
         running = self.guard.stopped.logical_not()
@@ -240,9 +261,12 @@ class SATSRuntime:
         record["stopped_after"] = self.guard.stopped.tolist()
         self.stats.append(record)
 
-    def mix(self, logits: torch.Tensor, batch: int, cfg: float) -> torch.Tensor:
-        active = self.active if self.active is not None else torch.arange(2 * batch)
-        return guided_mix(logits, active.to(logits.device), batch, cfg)
+    def guide(self, index: int, logits: torch.Tensor, batch: int, rule: GuidanceRule) -> Optional[torch.Tensor]:
+        """Only when some unconditional rows did not run: the sampler's rule where both ran, else the
+        conditional logits (every row ran: the sampler's own guidance, untouched)."""
+        if self.active is None or logits.shape[0] == 2 * batch:
+            return None
+        return guided_mix(logits, self.active.to(logits.device), batch, rule)
 
 
 # -- nodes the rewrite inserts ----------------------------------------------------------------------------
@@ -254,19 +278,15 @@ def running_rows(stopped: torch.Tensor, batch: int) -> torch.Tensor:
 
 def cfg_branch_guard(stopped: torch.Tensor, cache_rows: torch.Tensor, batch: int, rows: tuple, packed: tuple,
                      caches: tuple) -> tuple:
-    """Select the running rows of every per-row input, the packed text and the caches (whose rows are
+    """Select the running rows of every per-row input, the packed input and the caches (whose rows are
     ``cache_rows``, the previous scale's running rows). Returns (running rows, *rows, *packed, *caches);
     when every row runs, the inputs come back untouched."""
     active = running_rows(stopped, batch)
     if active.numel() == 2 * batch and cache_rows.numel() == 2 * batch:
         return (active, *rows, *packed, *caches)
     selected_rows = tuple(t.index_select(0, active) for t in rows)
-    values, offsets = packed
-    bounds = offsets.tolist()  # one copy to the host for all rows (a few integers), not one per row
     running = active.tolist()
-    segments = [torch.arange(bounds[r], bounds[r + 1], device=values.device) for r in running]
-    new_offsets = torch.tensor(list(itertools.accumulate((bounds[r + 1] - bounds[r] for r in running), initial=0)),
-                               dtype=offsets.dtype, device=offsets.device)
+    selected_packed = _select_packed(packed, running)
     previous = cache_rows.tolist()
     if previous == running:
         selected_caches = caches  # the caches already hold exactly the running rows (every scale after a stop)
@@ -275,9 +295,21 @@ def cfg_branch_guard(stopped: torch.Tensor, cache_rows: torch.Tensor, batch: int
         if positions == list(range(positions[0], positions[0] + len(positions))):  # e.g. every uncond row stopped
             selected_caches = tuple(c.narrow(0, positions[0], len(positions)) for c in caches)  # a view, no copy
         else:
-            index = torch.tensor(positions, device=values.device)
+            index = torch.tensor(positions, device=active.device)
             selected_caches = tuple(c.index_select(0, index) for c in caches)
-    return (active, *selected_rows, values.index_select(0, torch.cat(segments)), new_offsets, *selected_caches)
+    return (active, *selected_rows, *selected_packed, *selected_caches)
+
+
+def _select_packed(packed: tuple, running: list[int]) -> tuple:
+    """The running rows' segments of a packed input (values, offsets), re-packed; () when there is none."""
+    if not packed:
+        return ()
+    values, offsets = packed
+    bounds = offsets.tolist()  # one copy to the host for all rows (a few integers), not one per row
+    segments = [torch.arange(bounds[r], bounds[r + 1], device=values.device) for r in running]
+    new_offsets = torch.tensor(list(itertools.accumulate((bounds[r + 1] - bounds[r] for r in running), initial=0)),
+                               dtype=offsets.dtype, device=offsets.device)
+    return values.index_select(0, torch.cat(segments)), new_offsets
 
 
 @export_form(cfg_branch_guard)
@@ -285,16 +317,21 @@ def cfg_branch_guard_traceable(stopped: torch.Tensor, cache_rows: torch.Tensor, 
                                caches: tuple) -> tuple:
     """:func:`cfg_branch_guard` in tensor operations only (no host copies, no shortcut), for torch.export / ONNX."""
     active = running_rows(stopped, batch)
+    cache_position = (cache_rows[None, :] == active[:, None]).to(torch.int8).argmax(dim=1)
+    return (active, *(t.index_select(0, active) for t in rows), *_select_packed_traceable(packed, active),
+            *(c.index_select(0, cache_position) for c in caches))
+
+
+def _select_packed_traceable(packed: tuple, active: torch.Tensor) -> tuple:
+    if not packed:
+        return ()
     values, offsets = packed
     lengths = offsets[1:] - offsets[:-1]
     position = torch.arange(values.shape[0], device=values.device)
     row_of_position = (position[:, None] >= offsets[None, 1:]).sum(dim=1)
     is_running = torch.zeros(lengths.shape[0], dtype=torch.bool, device=values.device).index_fill(0, active, True)
-    text = values.index_select(0, is_running.index_select(0, row_of_position).nonzero().flatten())
-    new_offsets = torch.cat([offsets[:1], lengths.index_select(0, active).cumsum(dim=0).to(offsets.dtype)])
-    cache_position = (cache_rows[None, :] == active[:, None]).to(torch.int8).argmax(dim=1)
-    return (active, *(t.index_select(0, active) for t in rows), text, new_offsets,
-            *(c.index_select(0, cache_position) for c in caches))
+    selected = values.index_select(0, is_running.index_select(0, row_of_position).nonzero().flatten())
+    return selected, torch.cat([offsets[:1], lengths.index_select(0, active).cumsum(dim=0).to(offsets.dtype)])
 
 
 def guard_discrepancy(logits: torch.Tensor, active: torch.Tensor, batch: int,
@@ -308,11 +345,12 @@ def guard_discrepancy(logits: torch.Tensor, active: torch.Tensor, batch: int,
     return torch.full((batch,), float("nan"), device=logits.device).index_put((running,), values.to(torch.float32))
 
 
-def guided_mix(logits: torch.Tensor, active: torch.Tensor, batch: int, cfg: float) -> torch.Tensor:
-    """CFG on the running rows: ``cfg*cond + (1-cfg)*uncond`` where both ran, the conditional logits elsewhere."""
+def guided_mix(logits: torch.Tensor, active: torch.Tensor, batch: int, rule: GuidanceRule) -> torch.Tensor:
+    """Guidance of the running rows ``active``: the sampler's ``rule(cond, uncond)`` for the samples whose two
+    branches ran, the conditional logits for the others."""
     if logits.shape[0] == 2 * batch:
-        return cfg * logits[:batch] + (1 - cfg) * logits[batch:]
+        return rule(logits[:batch], logits[batch:])
     mixed = logits[:batch].clone()
     running = active[batch:] - batch
-    mixed[running] = cfg * logits[:batch].index_select(0, running) + (1 - cfg) * logits[batch:]
+    mixed[running] = rule(logits[:batch].index_select(0, running), logits[batch:]).to(mixed.dtype)
     return mixed

@@ -46,8 +46,8 @@ def test_graphs_are_cached_per_specialisation(tiny):
 
 def capture_tiny(model, lens=(5, 9), pn="0.06M"):
     adapter = get_adapter("infinity")
-    return capture(adapter.capture_plan(model, text=random_text(list(lens), 256), scale_schedule=get_scale_schedule(1.0, pn),
-                                        cfg=3.0))
+    args = adapter.validate(model, text=random_text(list(lens), 256), scale_schedule=get_scale_schedule(1.0, pn), cfg=3.0)
+    return capture(adapter.capture_plan(model, args))
 
 
 def test_kv_caches_are_explicit_graph_inputs_and_outputs(tiny):

@@ -48,7 +48,7 @@ def tiny_plan(tiny: torch.nn.Module, scales: int = 3) -> CapturePlan:
     """The plan (0.06M) of a fresh copy of ``tiny``, cut to its first scales: long enough for two captures to
     overlap."""
     model = copy.deepcopy(tiny)  # a third of the time of building one
-    plan = ADAPTER.capture_plan(model, **ADAPTER.capture_args(model, pn="0.06M"))
+    plan = ADAPTER.capture_plan(model, ADAPTER.validate(model, **ADAPTER.capture_args(model, pn="0.06M")))
     plan.scales = plan.scales[:scales]
     plan.regions = {name: specs[:scales] for name, specs in plan.regions.items()}
     return plan

@@ -50,16 +50,15 @@ def same_stats(a: dict, b: dict) -> bool:
 
 
 class Rendezvous(InfinityAdapter):
-    """Holds each ``generate`` where it fetches its graph runner until the other thread's call got there too:
+    """Holds each ``generate`` where it starts sampling on its graph runner until the other thread's call got there too:
     any per-call state kept on the shared optimized model would then be read back by the wrong call."""
 
     barrier: Optional[threading.Barrier] = None
 
-    @property
-    def graph_runner(self):
+    def sample(self, model, args, scale_runner=None):
         if self.barrier is not None:
             self.barrier.wait(TIMEOUT_S)
-        return super().graph_runner
+        return super().sample(model, args, scale_runner)
 
 
 def test_optimized_generate_in_two_threads(tiny_float32, monkeypatch):

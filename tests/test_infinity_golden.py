@@ -94,8 +94,8 @@ def _keep_float32(to):
 
 
 def test_check_fails_with_swapped_cfg_rows(golden, golden_model, golden_text, monkeypatch):
-    def swapped(logits, batch, cfg):
-        return cfg * logits[batch:] + (1 - cfg) * logits[:batch]
+    def swapped(cfg):
+        return lambda cond, uncond: cfg * uncond + (1 - cfg) * cond
 
-    monkeypatch.setattr(infinity_sampler, "cfg_mix", swapped)
+    monkeypatch.setattr(infinity_sampler, "cfg_rule", swapped)
     assert max(early_errors(golden, golden_model, golden_text)) > TOLERANCE

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from graphsurgeon import ConfigError, get_adapter, optimize
 from graphsurgeon.meta import annotations
 from model_adapters.infinity import bits_to_codes, get_scale_schedule
-from model_adapters.infinity.adapter import GraphScaleRunner
+from graphsurgeon.runner import GraphRunner
 from passes.lhep import energy_map, keep_mask
 
 from .helpers import generate_kwargs, outputs_equal, random_text, slice_text
@@ -35,14 +35,14 @@ def test_rho_one_is_bit_identical(tiny):
 
 def test_paper_semantics_with_defaults(tiny, monkeypatch):
     cache_lengths = []
-    real_run = GraphScaleRunner.run
+    real_run = GraphRunner.scale
 
     def run(self, *args, **kw):
         logits = real_run(self, *args, **kw)
         cache_lengths.append(self.state["kv0_k"].shape[2])
         return logits
 
-    monkeypatch.setattr(GraphScaleRunner, "run", run)
+    monkeypatch.setattr(GraphRunner, "scale", run)
     fast = optimize(tiny, passes=["lhep"])  # rho 0.5 on the last 3 scales
     out = fast.generate(**kwargs())
     stats = fast.stats["lhep"]

@@ -59,7 +59,8 @@ def test_optimized_official_is_bit_identical_and_matches_ours(pair, lens):
 def test_official_capture_finds_state_and_side_inputs(pair):
     _, official = pair
     adapter = get_adapter("infinity")
-    captured = capture(adapter.capture_plan(official, text=random_text([5], 256), scale_schedule=SCHEDULE, cfg=3.0))
+    args = adapter.validate(official, text=random_text([5], 256), scale_schedule=SCHEDULE, cfg=3.0)
+    captured = capture(adapter.capture_plan(official, args))
     report = captured.report
     assert len(report.state) == 8 and report.scales[3].kv_appends == 8
     assert report.scales[3].autocast_regions == 9

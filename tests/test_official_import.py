@@ -122,7 +122,8 @@ def test_packed_attention_bound_at_import_is_captured_as_the_op(tmp_path, user_f
         seen.append(namespace[PACKED])
         raise RuntimeError("step failed")
 
-    plan = get_adapter("infinity").capture_plan(model, **_generate_kwargs())
+    adapter = get_adapter("infinity")
+    plan = adapter.capture_plan(model, adapter.validate(model, **_generate_kwargs()))
     plan.scales[1] = dataclasses.replace(plan.scales[1], step=failing_step)
     with pytest.raises(RuntimeError, match="step failed"):
         capture(plan)

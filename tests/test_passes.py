@@ -143,7 +143,7 @@ def test_guard_stops_each_sample_on_its_own():
 
 def test_a_pass_that_breaks_the_node_contract_is_named_at_once():
     """An input added without metadata (what made export fail with KeyError 'val') is caught right after the pass."""
-    from graphsurgeon import get_adapter
+    from graphsurgeon import OptimizedModel, get_adapter
     from graphsurgeon.passes import GraphPass, PassConfig
     from graphsurgeon.rewrite import PassContractError
     from model_adapters.infinity import build_infinity, get_scale_schedule
@@ -151,9 +151,9 @@ def test_a_pass_that_breaks_the_node_contract_is_named_at_once():
     from .helpers import random_text
 
     class BareInput(GraphPass):
-        name, Config, order = "bare_input", PassConfig, 0
+        name, Config = "bare_input", PassConfig
 
-        def apply(self, captured):
+        def rewrite(self, captured):
             scale = captured.scales[-1]
             last = [n for n in scale.module.graph.nodes if n.op == "placeholder"][-1]
             with scale.module.graph.inserting_after(last):
@@ -162,8 +162,7 @@ def test_a_pass_that_breaks_the_node_contract_is_named_at_once():
             return []
 
     model = build_infinity("infinity-tiny", seed=0)
-    fast = optimize(model, adapter=get_adapter("infinity"))
-    fast.passes = [BareInput(PassConfig())]
+    fast = OptimizedModel(model, get_adapter("infinity"), [BareInput(PassConfig())])
     with pytest.raises(PassContractError, match=r"pass 'bare_input' left scale graph 6 with input extra that has no"):
         fast.capture(text=random_text([3], 256), scale_schedule=get_scale_schedule(1.0, "0.06M"), cfg=3.0)
     assert not fast._captured  # nothing cached

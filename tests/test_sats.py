@@ -7,7 +7,7 @@ import torch
 from graphsurgeon import ConfigError, get_adapter, optimize
 from graphsurgeon.meta import annotations
 from model_adapters.infinity import get_scale_schedule
-from model_adapters.infinity.adapter import GraphScaleRunner
+from graphsurgeon.runner import GraphRunner
 from passes.sats import cfg_branch_guard, guard_discrepancy, guided_mix
 
 from .helpers import generate_kwargs, outputs_equal, random_text, slice_text
@@ -42,14 +42,14 @@ class RowCounter:
 
 def test_after_the_stop_no_unconditional_row_runs_and_caches_have_b_rows(tiny, monkeypatch):
     cache_rows = []
-    real_run = GraphScaleRunner.run
+    real_run = GraphRunner.scale
 
     def run(self, *args, **kw):
         logits = real_run(self, *args, **kw)
         cache_rows.append({t.shape[0] for t in self.state.values()})
         return logits
 
-    monkeypatch.setattr(GraphScaleRunner, "run", run)
+    monkeypatch.setattr(GraphRunner, "scale", run)
     counter = RowCounter(tiny)
     fast = optimize(tiny, passes=["sats"], config={"sats": {"delta": 10.0}})  # every sample stops at once
     fast.generate(**kwargs())
@@ -106,7 +106,7 @@ def test_guard_node_selects_rows_text_and_caches():
 def test_mix_uses_conditional_logits_after_the_stop():
     logits = torch.tensor([[[1.0]], [[2.0]], [[5.0]]])  # cond 0, cond 1, uncond 0 (sample 1 stopped)
     active = torch.tensor([0, 1, 2])
-    mixed = guided_mix(logits, active, batch=2, cfg=3.0)
+    mixed = guided_mix(logits, active, batch=2, rule=lambda c, u: 3.0 * c + (1 - 3.0) * u)
     assert mixed.flatten().tolist() == [3 * 1.0 - 2 * 5.0, 2.0]
     delta = guard_discrepancy(logits, active, batch=2)
     assert delta[0].item() == 4.0 and torch.isnan(delta[1])

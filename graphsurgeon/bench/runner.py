@@ -58,8 +58,9 @@ class Variant:
 
     def generate(self, kwargs: dict, timer: Optional[ScaleTimer] = None) -> Any:
         if self.fast is None:
-            runner = self.adapter.baseline_runner(self.model)
-            return self.adapter.generate(self.model, scale_runner=timer.wrap(runner) if timer else runner, **kwargs)
+            args = self.adapter.validate(self.model, **kwargs)
+            runner = self.adapter.baseline_runner(self.model, args)
+            return self.adapter.sample(self.model, args, timer.wrap(runner) if timer else runner)
         self.fast.runner_wrappers = [timer.wrap] if timer else []
         try:
             return self.fast.generate(**kwargs)
@@ -185,7 +186,7 @@ def _inserted_time(variant: Variant, kwargs: dict, clock: Clock, repeats: int) -
     captured = fast.capture(**kwargs)
     graphs = [(g.module, "scale", g.index) for g in captured.scales]
     graphs += [(g.module, region, g.index) for region, gs in captured.regions.items() for g in gs]
-    originals = {p.name: p.runtime for p in fast.passes if hasattr(p, "runtime")}
+    originals = {p.name: p.runtime for p in fast.passes}
     for module, region, index in graphs:
         timer.instrument(module, region, index)
     for graph_pass in fast.passes:
@@ -228,8 +229,8 @@ def _inserted_time(variant: Variant, kwargs: dict, clock: Clock, repeats: int) -
 def _timed_runtime_factory(make_runtime, name: str, timer: InsertedNodeTimer):
     def make(captured):
         runtime = make_runtime(captured)
-        for method in ("inputs", "observe", "mix"):
-            if hasattr(runtime, method):
+        if runtime is not None:
+            for method in ("inputs", "observe", "guide"):  # the PassRuntime hooks
                 setattr(runtime, method, timer.timed(name, getattr(runtime, method)))
         return runtime
     return make

@@ -41,8 +41,8 @@ class Clock:
 
 
 class ScaleTimer:
-    """Wraps a scale runner (the object a sampler calls ``run(scale, ...)`` on) and marks the start of every
-    scale and the end of the loop: a scale's time runs from its ``run`` call to the next one, so it includes
+    """Wraps a scale runner (the object a sampler calls ``scale(index, inputs)`` on) and marks the start of every
+    scale and the end of the loop: a scale's time runs from its ``scale`` call to the next one, so it includes
     the transformer, the CFG mix, sampling and the residual update of that scale."""
 
     def __init__(self, clock: Clock):
@@ -71,9 +71,9 @@ class _TimedRunner:
         self._timer.marks.append(("end", self._timer.clock.mark()))
         return self._inner.__exit__(*exc)
 
-    def run(self, scale: int, *args: Any, **kwargs: Any) -> Any:
-        self._timer.marks.append((scale, self._timer.clock.mark()))
-        return self._inner.run(scale, *args, **kwargs)
+    def scale(self, index: int, inputs: dict) -> Any:
+        self._timer.marks.append((index, self._timer.clock.mark()))
+        return self._inner.scale(index, inputs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

@@ -11,7 +11,7 @@ import torch.fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from ..meta import annotate
-from .plan import CapturePlan, ScaleSpec, StateSlot
+from .plan import RESIDUAL, CapturePlan, ScaleSpec, StateSlot
 from .report import CaptureReport, ScaleReport
 from .token_axes import propagate_token_axes
 from .tracer import CAPTURE_LOCK, CaptureError, ShapeTracer, to_meta
@@ -41,6 +41,12 @@ class ScaleGraph:
     """Input name -> the node a pass put in its place (e.g. the guarded rows of an input)."""
     active_rows: Optional[str] = None
     """Node holding the batch rows that run, when a pass selects rows."""
+    logits_output: Optional[str] = None
+    """The declared roles of the step (see :class:`ScaleSpec`): logits of a scale step; drawn values, their grid
+    dimensions and the residual map of a residual step."""
+    sampled_input: Optional[str] = None
+    sampled_axes: Optional[tuple[int, int]] = None
+    residual_output: Optional[str] = None
 
 
 @dataclass
@@ -50,12 +56,18 @@ class CapturedModel:
     report: CaptureReport
     plan: CapturePlan = field(repr=False)
     regions: dict[str, list[ScaleGraph]] = field(default_factory=dict)
-    """Further per-scale regions the adapter exposes (e.g. "residual"), by name, one graph per scale."""
+    """Per-scale regions by name, one graph per scale: the plan's residual steps (:data:`RESIDUAL`) and any
+    further regions it declares."""
     example_values: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     """Real example values the adapter gave for inputs that must hold valid data (e.g. sequence offsets)."""
 
     def graph_modules(self) -> list[torch.fx.GraphModule]:
         return [scale.module for scale in self.scales]
+
+    @property
+    def residual(self) -> list[ScaleGraph]:
+        """The residual step graphs, one per scale that runs (empty when the plan declares none)."""
+        return self.regions.get(RESIDUAL, [])
 
 
 def _make_root(model: torch.nn.Module, spec: ScaleSpec, state: list[StateSlot], with_state_inputs: bool):
@@ -68,11 +80,11 @@ def _make_root(model: torch.nn.Module, spec: ScaleSpec, state: list[StateSlot], 
     def run_step(self, values: dict[str, Any]):
         modules = [self.model.get_submodule(slot.module) for slot in state]
         for slot, module in zip(state, modules):
-            _set_state(module, slot.attribute, values.get(slot.name))
+            _set_state(module, slot, values.get(slot.name))
         outputs = spec.step(self.model, {name: values[name] for name in spec.inputs})
         self.output_keys = list(outputs)
         for slot, module in zip(state, modules):
-            outputs[slot.name] = getattr(module, slot.attribute)
+            outputs[slot.name] = _get_state(module, slot)
         return tuple(outputs.values())
 
     cls = type(f"Scale{spec.index}Step", (torch.nn.Module,), {"forward": namespace["forward"], "run_step": run_step})
@@ -81,11 +93,33 @@ def _make_root(model: torch.nn.Module, spec: ScaleSpec, state: list[StateSlot], 
     return root, names
 
 
-def _set_state(module: torch.nn.Module, attribute: str, value: Any) -> None:
-    if attribute in module._buffers:
-        module._buffers[attribute] = value
+def _get_state(module: torch.nn.Module, slot: StateSlot) -> Any:
+    value = _fetch(module, slot.attribute)
+    if slot.key is None:
+        return value
+    if not isinstance(value, dict):
+        raise CaptureError(f"capture: state {slot.name}: {slot.module}.{slot.attribute} is a "
+                           f"{type(value).__name__}, not the dict the StateSlot's key {slot.key!r} indexes")
+    return value.get(slot.key)
+
+
+def _fetch(module: torch.nn.Module, attribute: str) -> Any:
+    return module._buffers[attribute] if attribute in module._buffers else vars(module).get(attribute)
+
+
+def _set_state(module: torch.nn.Module, slot: StateSlot, value: Any) -> None:
+    """Put ``value`` where ``slot`` says the module keeps it (an attribute, a buffer or a dict entry)."""
+    if slot.key is not None:
+        _get_state(module, slot)  # a missing or non-dict container is refused, named
+        container = _fetch(module, slot.attribute)
+        if value is None:
+            container.pop(slot.key, None)
+        else:
+            container[slot.key] = value
+    elif slot.attribute in module._buffers:
+        module._buffers[slot.attribute] = value
     else:
-        object.__setattr__(module, attribute, value)
+        object.__setattr__(module, slot.attribute, value)
 
 
 def _contains_proxy(value: Any) -> bool:
@@ -104,7 +138,12 @@ def _find_leaks(model: torch.nn.Module, before: dict[int, dict[str, Any]]) -> li
     for path, module in model.named_modules():
         for store in (vars(module), module._buffers, module._parameters):
             for attribute, value in list(store.items()):
-                if _contains_proxy(value):
+                if isinstance(value, dict) and _contains_proxy(value):  # a container: name and drop the entries
+                    for key in [k for k, v in value.items() if isinstance(v, torch.fx.Proxy)]:
+                        leaks.append(f"{path or '<root>'}.{attribute}[{key!r}] ({type(module).__name__}; a dict "
+                                     f"entry: StateSlot(..., attribute={attribute!r}, key={key!r}))")
+                        del value[key]
+                elif _contains_proxy(value):
                     leaks.append(f"{path or '<root>'}.{attribute} ({type(module).__name__})")
                     previous = before.get(id(module), {})
                     if attribute in previous:
@@ -158,14 +197,14 @@ def _trace_scale(plan: CapturePlan, spec: ScaleSpec, device: torch.device, state
     if state_values is not None:
         tracer.placeholder_values.update({slot.name: v for slot, v in zip(state, state_values)})
     modules = [plan.model.get_submodule(slot.module) for slot in state]
-    originals = [getattr(module, slot.attribute, None) for slot, module in zip(state, modules)]
+    originals = [_get_state(module, slot) for slot, module in zip(state, modules)]
     before = {id(m): dict(vars(m)) for m in plan.model.modules()}
     try:
         with tracer.autocast_as_nodes():
             graph = tracer.trace(root)
     finally:
         for slot, module, value in zip(state, modules, originals):
-            _set_state(module, slot.attribute, value)
+            _set_state(module, slot, value)
     leaks = _find_leaks(plan.model, before)
     if leaks:
         raise CaptureError(
@@ -227,11 +266,12 @@ def capture(plan: CapturePlan, device: Optional[torch.device] = None) -> Capture
                 input_names=list(spec.inputs), output_names=output_names[:len(output_names) - len(plan.state)],
                 state_inputs=names[len(names) - n_state_in:] if n_state_in else [],
                 state_outputs=[slot.name for slot in plan.state], row_inputs=tuple(spec.row_inputs),
-                packed_inputs=spec.packed_inputs, side_values=list(axes.side_values)))
+                packed_inputs=spec.packed_inputs, side_values=list(axes.side_values), **_roles(spec)))
             report.add_scale(ScaleReport.from_graph(spec, module, axes, time.perf_counter() - t0))
             report.record_leaves(module, tracer)
+        declared = {RESIDUAL: plan.residual, **plan.regions} if plan.residual else dict(plan.regions)
         regions = {name: [_capture_region(plan, spec, torch.device(device), memo) for spec in specs]
-                   for name, specs in plan.regions.items()}
+                   for name, specs in declared.items()}
     report.seconds = time.perf_counter() - start
     examples = {name: value for spec in plan.scales for name, value in spec.inputs.items()
                 if isinstance(value, torch.Tensor) and value.device.type != "meta"}
@@ -248,4 +288,10 @@ def _capture_region(plan: CapturePlan, spec: ScaleSpec, device: torch.device, me
                     annotate(value, output=name)
     return ScaleGraph(index=spec.index, grid=tuple(spec.grid), tokens=spec.tokens, token_input=spec.token_input,
                       token_axis=spec.token_axis, module=module, input_names=list(spec.inputs), output_names=outputs,
-                      state_inputs=[], state_outputs=[])
+                      state_inputs=[], state_outputs=[], **_roles(spec))
+
+
+def _roles(spec: ScaleSpec) -> dict[str, Any]:
+    return dict(logits_output=spec.logits_output, sampled_input=spec.sampled_input,
+                sampled_axes=tuple(spec.sampled_axes) if spec.sampled_axes else None,
+                residual_output=spec.residual_output)

@@ -21,6 +21,9 @@ class StateSlot:
     attribute: str
     row_axis: Optional[int] = 0
     """Dimension of the state that runs over the batch rows (None: not row-wise)."""
+    key: Optional[str] = None
+    """When the module keeps its state in a container (a dict attribute), the entry: the state is
+    ``getattr(module, attribute)[key]``. The container itself stays the module's; only the entry is swapped."""
 
 
 @dataclass
@@ -39,6 +42,16 @@ class ScaleSpec:
     """Inputs whose first dimension runs over the batch rows (passes that drop rows select these)."""
     packed_inputs: Optional[tuple[str, str]] = None
     """(values, offsets) of a packed per-row input such as text: row r owns values[offsets[r]:offsets[r+1]]."""
+    logits_output: Optional[str] = None
+    """Role "logits" of a scale step: the output holding per-token logits (rows, tokens, V). Passes that
+    compare the CFG branches or put pruned tokens back read it."""
+    sampled_input: Optional[str] = None
+    """Role "sampled" of a residual step: the input holding the values drawn at this scale (bits, code
+    indices or their embeddings), batch first. A pass that replaces drawn values (LHEP's Eq. 14) rewrites it."""
+    sampled_axes: Optional[tuple[int, int]] = None
+    """The (height, width) dimensions of ``sampled_input`` (its grid may be a multiple of the token grid)."""
+    residual_output: Optional[str] = None
+    """Role "residual" of a residual step: the output holding this scale's residual R_k as a (B, C, h, w) map."""
 
     @property
     def tokens(self) -> int:
@@ -48,8 +61,14 @@ class ScaleSpec:
         return n
 
 
+RESIDUAL = "residual"
+"""The region name under which a plan's ``residual`` steps are captured (``captured.regions[RESIDUAL]``)."""
+
+
 @dataclass
 class CapturePlan:
+    """Everything the capture needs from an adapter for one specialisation (see docs/adapters.md)."""
+
     model: torch.nn.Module
     scales: list[ScaleSpec]
     state: list[StateSlot] = field(default_factory=list)
@@ -59,9 +78,13 @@ class CapturePlan:
     """Context entered around capture (e.g. switching the model's caching flags on)."""
     notes: list[str] = field(default_factory=list)
     """Adapter facts for the capture report (replaced kernels, specialisations)."""
+    residual: list[ScaleSpec] = field(default_factory=list)
+    """The residual step of each scale that runs (drawn values -> R_k -> the next scale's input), captured
+    without state as the region :data:`RESIDUAL`. Declare its roles (``sampled_input``, ``residual_output``)."""
     regions: dict[str, list[ScaleSpec]] = field(default_factory=dict)
-    """Further per-scale regions (e.g. "residual": sampled bits -> codes -> next input), captured without state."""
+    """Further per-scale regions, by name, captured without state (exported and reported like the residual)."""
     cfg_batch: Optional[int] = None
-    """With classifier-free guidance on a doubled batch: B (rows [0:B] conditional, [B:2B] unconditional)."""
+    """The CFG layout. With classifier-free guidance on a doubled batch: B, where rows [0:B] are the conditional
+    samples and rows [B:2B] their unconditional twins (row b + B guides sample b); None without CFG."""
     export_decompositions: dict[Any, Callable] = field(default_factory=dict)
     """Opaque op -> an equivalent in plain torch ops, substituted when exporting (e.g. to ONNX)."""

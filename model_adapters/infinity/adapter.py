@@ -7,20 +7,20 @@ because it only uses what both have: ``unregistered_blocks`` (each with ``sa.cac
 from __future__ import annotations
 
 import contextlib
-import numbers
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
-from graphsurgeon.capture import CapturedModel, CapturePlan, ScaleSpec, StateSlot
 from graphsurgeon.adapters import ModelAdapter
+from graphsurgeon.capture import CapturePlan, ScaleSpec, StateSlot
 from graphsurgeon.errors import ConfigError
+from graphsurgeon.runner import ScaleRunner
 
 from .builder import build_infinity
 from .kernels import packed_cross_attention_reference
-from .sampler import (EagerScaleRunner, GenerateArgs, GenerationOutput, cfg_mix, generate_checked, model_lock,
-                      residual_step, scale_blocks, validate_generate_args)
-from .schedules import get_scale_schedule, identify_schedule
+from .sampler import (EagerScaleRunner, GenerateArgs, GenerationOutput, cfg_repeat, generate_checked, kv_caching,
+                      validate_generate_args)
+from .schedules import get_scale_schedule
 
 
 def _packed_offsets(lens: list[int], cfg_on: bool) -> torch.Tensor:
@@ -32,64 +32,8 @@ def _packed_offsets(lens: list[int], cfg_on: bool) -> torch.Tensor:
     return torch.tensor(offsets, dtype=torch.int32)
 
 
-def _cfg_on(cfg: Any) -> bool:
-    """Whether CFG doubles the batch: some scale's cfg (a number, or one per scale) is not 1."""
-    return any(c != 1 for c in ([cfg] if isinstance(cfg, numbers.Real) else cfg))
-
-
 def _module_paths(model: torch.nn.Module) -> dict[int, str]:
     return {id(module): path for path, module in model.named_modules()}
-
-
-class GraphScaleRunner:
-    """Runs captured scale graphs in place of the eager transformer; the KV caches travel as graph values.
-
-    Inputs and outputs are matched by name; inputs a pass added (and outputs it reads) go through that
-    pass's runtime, which may also take over the CFG mix (e.g. when some unconditional rows stopped).
-    """
-
-    def __init__(self, captured: CapturedModel, rope_table: torch.Tensor, runtimes: Sequence[Any] = ()):
-        self.captured, self.rope_table, self.runtimes = captured, rope_table, list(runtimes)
-        self.state: dict[str, torch.Tensor] = {}
-
-    def __enter__(self) -> "GraphScaleRunner":
-        self.state = {}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.state = {}
-
-    def run(self, scale_ind: int, schedule, max_text_len: int, tokens, cond_gss, cond_BD, text_kv, text_cu_seqlens,
-            rows: int) -> torch.Tensor:
-        graph = self.captured.scales[scale_ind]
-        inputs = dict(tokens=tokens, cond_gss=cond_gss, cond_BD=cond_BD, text_kv=text_kv,
-                      text_cu_seqlens=text_cu_seqlens, rope_table=self.rope_table)
-        inputs.update({name: self.state[name] for name in graph.state_inputs})
-        for runtime in self.runtimes:
-            inputs.update(runtime.inputs(graph.input_names, tokens.device, region="scale"))
-        outputs = dict(zip(graph.output_names + graph.state_outputs, graph.module(**inputs)))
-        self.state = {name: outputs[name] for name in graph.state_outputs}
-        for runtime in self.runtimes:
-            runtime.observe(scale_ind, outputs, region="scale")
-        logits = outputs["logits"]
-        return logits[:rows] if rows < logits.shape[0] else logits  # cfg == 1 at this scale: conditional rows
-
-    def residual(self, scale_ind: int, vae_schedule, n_run: int, bits, summed_codes, codebook_dim: int, patchify: bool,
-                 repeat: int) -> dict[str, torch.Tensor]:
-        graph = self.captured.regions["residual"][scale_ind]
-        inputs = {"bits": bits, "summed_codes": summed_codes}
-        for runtime in self.runtimes:
-            inputs.update(runtime.inputs(graph.input_names, bits.device, region="residual"))
-        outputs = dict(zip(graph.output_names, graph.module(**inputs)))
-        for runtime in self.runtimes:
-            runtime.observe(scale_ind, outputs, region="residual")
-        return outputs
-
-    def mix(self, logits: torch.Tensor, batch: int, cfg: float) -> torch.Tensor:
-        for runtime in self.runtimes:
-            if hasattr(runtime, "mix"):
-                return runtime.mix(logits, batch, cfg)
-        return cfg_mix(logits, batch, cfg)
 
 
 class InfinityAdapter(ModelAdapter):
@@ -136,27 +80,23 @@ class InfinityAdapter(ModelAdapter):
             block.bfloat16()
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
 
-    def baseline_runner(self, model: Any) -> EagerScaleRunner:
+    def baseline_runner(self, model: Any, args: GenerateArgs) -> EagerScaleRunner:
         """The scale runner the baseline sampler uses (the eager model), for wrapping with observers."""
-        return EagerScaleRunner(model)
+        return EagerScaleRunner(model, args)
 
     def validate(self, model: Any, **kwargs: Any) -> GenerateArgs:
         """Check generation arguments exactly as the baseline sampler does, before any work; an ``InputError``
-        names the bad (or unknown) argument. ``OptimizedModel`` calls this before it captures."""
+        names the bad (or unknown) argument."""
         return validate_generate_args(model, **kwargs)
 
-    def generate(self, model: Any, scale_runner: Any = None, **kwargs: Any) -> GenerationOutput:
-        """The baseline sampler (see :func:`model_adapters.infinity.sampler.generate`); ``scale_runner`` replaces
-        the eager transformer."""
-        return generate_checked(model, validate_generate_args(model, **kwargs), scale_runner)
+    def sample(self, model: Any, args: GenerateArgs, scale_runner: Optional[ScaleRunner] = None) -> GenerationOutput:
+        """The baseline sampler (see :func:`model_adapters.infinity.sampler.generate`) on checked arguments."""
+        return generate_checked(model, args, scale_runner)
 
     # -- capture ------------------------------------------------------------------------------------------
-    def capture_key(self, model: Any, text, scale_schedule, cfg=3.0, num_scales=None, **_: Any) -> tuple:
+    def capture_key(self, model: Any, args: GenerateArgs) -> tuple:
         """What a captured graph set is specialised to: schedule, prompt lengths, CFG doubling, scales run, device."""
-        lens = tuple(int(n) for n in text[1])
-        cfg_on = _cfg_on(cfg)
-        return (tuple(tuple(int(v) for v in pn) for pn in scale_schedule), lens, cfg_on, num_scales,
-                str(model.pos_start.device))
+        return (tuple(args.schedule), tuple(args.lens), cfg_repeat(args), args.n_run, str(model.pos_start.device))
 
     def capture_args(self, model: Any, batch_size: int = 1, h_div_w: float = 1.0, pn: str = "1M",
                      text_len: int = 8) -> dict[str, Any]:
@@ -167,21 +107,18 @@ class InfinityAdapter(ModelAdapter):
         cu = torch.tensor([0] + [text_len * (i + 1) for i in range(batch_size)], dtype=torch.int32)
         return dict(text=(kv, lens, cu, text_len), scale_schedule=get_scale_schedule(h_div_w, pn), cfg=3.0)
 
-    def capture_plan(self, model: Any, text, scale_schedule, cfg=3.0, num_scales=None, **_: Any) -> CapturePlan:
-        identify_schedule(scale_schedule)
-        schedule = [tuple(int(v) for v in pn) for pn in scale_schedule]
-        lens = [int(n) for n in text[1]]
-        cfg_on = _cfg_on(cfg)
-        rows = 2 * len(lens) if cfg_on else len(lens)
-        text_rows = sum(lens) * (2 if cfg_on else 1)
-        max_len = max(lens)
+    def capture_plan(self, model: Any, args: GenerateArgs) -> CapturePlan:
+        schedule, lens = args.schedule, args.lens
+        batch = len(lens)
+        rows = batch * cfg_repeat(args)
+        cfg_on = rows != batch
         C, D = model.C, model.D
         meta = dict(device="meta")
         rope_table = model.rope2d_freqs_grid[str(tuple(schedule))]
         common = {
             "cond_gss": torch.empty(rows, 1, 6, C, **meta),
             "cond_BD": torch.empty(rows, D, **meta),
-            "text_kv": torch.empty(text_rows, D, **meta),
+            "text_kv": torch.empty(sum(lens) * rows // batch, D, **meta),
             "text_cu_seqlens": _packed_offsets(lens, cfg_on),  # real values: export runs the graph on examples
             "rope_table": torch.empty(rope_table.shape, dtype=rope_table.dtype, **meta),
         }
@@ -189,36 +126,23 @@ class InfinityAdapter(ModelAdapter):
         state = []
         for i, block in enumerate(model.unregistered_blocks):
             state += [StateSlot(f"kv{i}_k", paths[id(block.sa)], "cached_k"), StateSlot(f"kv{i}_v", paths[id(block.sa)], "cached_v")]
-        key = str(tuple(schedule))
+        eager = EagerScaleRunner(model, args)  # the plan traces the eager runner's own step functions
 
-        def make_step(si: int):
-            def step(m, inputs):
-                h = scale_blocks(m, si, schedule, max_len, inputs["tokens"], inputs["cond_gss"], inputs["text_kv"],
-                                 inputs["text_cu_seqlens"], {key: inputs["rope_table"]})
-                return {"logits": m.get_logits(h, inputs["cond_BD"])}
-            return step
+        def make_step(si: int, step):
+            return lambda m, inputs: step(m, si, inputs)
 
         scales = [ScaleSpec(index=si, grid=(t, h, w), inputs={"tokens": torch.empty(rows, t * h * w, C, **meta), **common},
-                            token_input="tokens", token_axis=1, step=make_step(si),
-                            row_inputs=("tokens", "cond_gss", "cond_BD"), packed_inputs=("text_kv", "text_cu_seqlens"))
+                            token_input="tokens", token_axis=1, step=make_step(si, eager.scale_step),
+                            row_inputs=("tokens", "cond_gss", "cond_BD"), packed_inputs=("text_kv", "text_cu_seqlens"),
+                            logits_output="logits")
                   for si, (t, h, w) in enumerate(schedule)]
-
-        patchify = bool(model.apply_spatial_patchify)
-        codebook_dim = model.d_vae // 4 if patchify else model.d_vae
-        vae_schedule = [(t, 2 * h, 2 * w) for t, h, w in schedule] if patchify else schedule
-        n_run = num_scales or len(schedule)
-        batch = len(lens)
-
-        def make_residual(si: int):
-            def step(m, inputs):
-                return residual_step(m, si, vae_schedule, n_run, inputs["bits"], inputs["summed_codes"], codebook_dim,
-                                     patchify, rows // batch)
-            return step
-
-        residual = [ScaleSpec(index=si, grid=(t, h, w), token_input=None, token_axis=None, step=make_residual(si),
+        codebook_dim, vae_schedule = args.codebook_dim, args.vae_schedule
+        residual = [ScaleSpec(index=si, grid=(t, h, w), token_input=None, token_axis=None,
+                              step=make_step(si, eager.residual_step),
                               inputs={"bits": torch.empty(batch, 1, *vae_schedule[si][1:], codebook_dim, dtype=torch.uint8, **meta),
-                                      "summed_codes": torch.empty(batch, codebook_dim, *vae_schedule[-1], **meta)})
-                    for si, (t, h, w) in enumerate(schedule[:n_run])]
+                                      "summed_codes": torch.empty(batch, codebook_dim, *vae_schedule[-1], **meta)},
+                              sampled_input="bits", sampled_axes=(2, 3), residual_output="residual")
+                    for si, (t, h, w) in enumerate(schedule[:args.n_run])]
 
         @contextlib.contextmanager
         def caching_on():
@@ -226,15 +150,8 @@ class InfinityAdapter(ModelAdapter):
             thread uses the same attention modules), with the official flash-attn call routed to the custom op."""
             from .official import packed_attention_as_op
 
-            with model_lock(model):
-                for block in model.unregistered_blocks:
-                    block.sa.kv_caching(True)
-                try:
-                    with packed_attention_as_op(model):
-                        yield
-                finally:
-                    for block in model.unregistered_blocks:
-                        block.sa.kv_caching(False)
+            with kv_caching(model), packed_attention_as_op(model):
+                yield
 
         notes = [f"CFG {'on: rows [0:B] conditional, [B:2B] unconditional' if cfg_on else 'off'}; "
                  f"batch {len(lens)}, text lengths {lens}",
@@ -242,10 +159,6 @@ class InfinityAdapter(ModelAdapter):
                  "cross-attention to text is the custom op graphsurgeon_infinity::packed_cross_attention "
                  "(flash-attn on CUDA when installed)"]
         return CapturePlan(model=model, scales=scales, state=state, prepare=caching_on, notes=notes,
-                           cfg_batch=len(lens) if cfg_on else None, regions={"residual": residual},
+                           cfg_batch=batch if cfg_on else None, residual=residual,
                            export_decompositions={torch.ops.graphsurgeon_infinity.packed_cross_attention.default:
                                                   packed_cross_attention_reference})
-
-    def graph_runner(self, model: Any, captured: CapturedModel, scale_schedule, runtimes: Sequence[Any] = ()) -> GraphScaleRunner:
-        key = str(tuple(tuple(int(v) for v in pn) for pn in scale_schedule))
-        return GraphScaleRunner(captured, model.rope2d_freqs_grid[key], runtimes)

@@ -15,12 +15,18 @@ it samples either. Behaviour that decides the output, kept exactly as the offici
 Every argument is checked by :func:`validate_generate_args` before any work (graphsurgeon calls it before it
 captures, so a rejected call costs nothing and caches nothing); a bad one is an ``InputError`` naming it.
 
+The loop is written against graphsurgeon's :class:`~graphsurgeon.runner.ScaleRunner`: per scale it calls
+``runner.scale`` (:func:`scale_step`: the transformer), ``runner.guide`` (CFG, by :func:`cfg_rule`) and
+``runner.residual`` (:func:`residual_step`: bits -> codes -> the next input). The baseline's runner runs those
+functions eagerly; graphsurgeon's runs their captured graphs.
+
 Threads: the eager runner keeps the attention KV caches in the model's modules, so eager runs of one model are
 serialised (:func:`model_lock`, held while an :class:`EagerScaleRunner` is entered); runs of different models,
 and graphsurgeon's graph runs (their caches are graph values), proceed in parallel.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
@@ -28,12 +34,13 @@ import operator
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from graphsurgeon.errors import InputError
+from graphsurgeon.runner import GuidanceRule, ScaleRunner, StepRunner
 
 from .schedules import identify_schedule
 
@@ -89,23 +96,32 @@ def scale_blocks(model, scale_ind: int, schedule, max_text_len: int, tokens: tor
     return x
 
 
+def scale_step(model, scale_ind: int, inputs: dict[str, torch.Tensor], schedule, max_text_len: int
+               ) -> dict[str, torch.Tensor]:
+    """One scale's transformer step on named inputs -> {"logits": raw logits of every row}. The baseline runs it
+    eagerly and graphsurgeon captures it, so both execute the same operations in the same order."""
+    rope = {str(tuple(schedule)): inputs["rope_table"]}
+    h = scale_blocks(model, scale_ind, schedule, max_text_len, inputs["tokens"], inputs["cond_gss"],
+                     inputs["text_kv"], inputs["text_cu_seqlens"], rope)
+    return {"logits": model.get_logits(h, inputs["cond_BD"])}
+
+
 def residual_step(model, scale_ind: int, vae_schedule, n_run: int, bits: torch.Tensor, summed_codes: torch.Tensor,
                   codebook_dim: int, patchify: bool, repeat: int) -> dict[str, torch.Tensor]:
-    """A scale's bits -> its codes (R_k), the updated sum of codes, and the next scale's input tokens.
-
-    The second region graphsurgeon captures per scale (LHEP's scatter lives here).
-    """
+    """A scale's bits -> its codes (R_k, as a (B, d, h, w) map), the updated sum of codes, and the next scale's
+    input tokens. The second region graphsurgeon captures per scale (LHEP's scatter lives here)."""
     codes = bits_to_codes(bits, codebook_dim)
+    residual = codes.squeeze(-3)
     if scale_ind == len(vae_schedule) - 1:
-        return {"codes": codes, "summed_codes": summed_codes + codes}
+        return {"residual": residual, "summed_codes": summed_codes + codes}
     summed_codes = summed_codes + F.interpolate(codes, size=vae_schedule[-1], mode="trilinear")
     if scale_ind == n_run - 1:
-        return {"codes": codes, "summed_codes": summed_codes}
+        return {"residual": residual, "summed_codes": summed_codes}
     nxt = F.interpolate(summed_codes, size=vae_schedule[scale_ind + 1], mode="trilinear").squeeze(-3)
     if patchify:
         nxt = F.pixel_unshuffle(nxt, 2)
     nxt = nxt.reshape(*nxt.shape[:2], -1).permute(0, 2, 1)
-    return {"codes": codes, "summed_codes": summed_codes,
+    return {"residual": residual, "summed_codes": summed_codes,
             "next_tokens": model.word_embed(model.norm0_ve(nxt)).repeat(repeat, 1, 1)}
 
 
@@ -123,56 +139,43 @@ def model_lock(model: torch.nn.Module) -> threading.RLock:
         return lock
 
 
-class EagerScaleRunner:
-    """Runs a scale on the model itself; its attention modules keep the KV caches between scales.
-
-    While entered it holds :func:`model_lock`: two eager runs of one model at once would share (and reset)
-    each other's caches, so the second waits for the first."""
-
-    def __init__(self, model):
-        self.model = model
-        self.lock = model_lock(model)
-
-    @staticmethod
-    def mix(logits: torch.Tensor, batch: int, cfg: float) -> torch.Tensor:
-        return cfg_mix(logits, batch, cfg)
-
-    def residual(self, scale_ind: int, vae_schedule, n_run: int, bits, summed_codes, codebook_dim: int, patchify: bool,
-                 repeat: int) -> dict[str, torch.Tensor]:
-        return residual_step(self.model, scale_ind, vae_schedule, n_run, bits, summed_codes, codebook_dim, patchify,
-                             repeat)
-
-    def __enter__(self) -> "EagerScaleRunner":
-        self.lock.acquire()
+@contextlib.contextmanager
+def kv_caching(model) -> Iterator[None]:
+    """The model's attention KV caching on, holding :func:`model_lock` (two runs of one model at once would share,
+    and reset, each other's caches)."""
+    with model_lock(model):
+        for block in model.unregistered_blocks:
+            block.sa.kv_caching(True)
         try:
-            for block in self.model.unregistered_blocks:
-                block.sa.kv_caching(True)
-        except BaseException:
-            self.lock.release()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        try:
-            for block in self.model.unregistered_blocks:
-                block.sa.kv_caching(False)
+            yield
         finally:
-            self.lock.release()
-
-    def run(self, scale_ind: int, schedule, max_text_len: int, tokens, cond_gss, cond_BD, text_kv, text_cu_seqlens,
-            rows: int) -> torch.Tensor:
-        """Raw logits of the first ``rows`` rows (the official code runs the head on the conditional rows only
-        at a scale whose cfg is 1)."""
-        h = scale_blocks(self.model, scale_ind, schedule, max_text_len, tokens, cond_gss, text_kv, text_cu_seqlens,
-                         self.model.rope2d_freqs_grid)
-        if rows == h.shape[0]:
-            return self.model.get_logits(h, cond_BD)
-        return self.model.get_logits(h[:rows], cond_BD[:rows])
+            for block in model.unregistered_blocks:
+                block.sa.kv_caching(False)
 
 
-def cfg_mix(logits: torch.Tensor, batch: int, cfg: float) -> torch.Tensor:
-    """Classifier-free guidance on a doubled batch: rows [0:B] conditional, [B:2B] unconditional."""
-    return cfg * logits[:batch] + (1 - cfg) * logits[batch:]
+class EagerScaleRunner(StepRunner):
+    """Runs a scale on the model itself (:func:`scale_step`, :func:`residual_step`); its attention modules keep the
+    KV caches between scales, under :func:`kv_caching`."""
+
+    def __init__(self, model, args: "GenerateArgs"):
+        def scale(m, si: int, inputs: dict) -> dict:
+            return scale_step(m, si, inputs, args.schedule, args.max_len)
+
+        def residual(m, si: int, inputs: dict) -> dict:
+            return residual_step(m, si, args.vae_schedule, args.n_run, inputs["bits"], inputs["summed_codes"],
+                                 args.codebook_dim, args.patchify, cfg_repeat(args))
+
+        super().__init__(model, scale, residual, sampled_input="bits", context=lambda: kv_caching(model))
+
+
+def cfg_rule(cfg: float) -> GuidanceRule:
+    """Infinity's classifier-free guidance: ``cfg * cond + (1 - cfg) * uncond``."""
+    return lambda cond, uncond: cfg * cond + (1 - cfg) * uncond
+
+
+def cfg_repeat(args: "GenerateArgs") -> int:
+    """Rows per sample: 2 when some scale's cfg is not 1 (the doubled batch), else 1."""
+    return 2 if any(c != 1 for c in args.cfg) else 1
 
 
 def double_text_for_cfg(kv: torch.Tensor, lens: list[int], cu: torch.Tensor, cfg_uncond: torch.Tensor):
@@ -331,13 +334,12 @@ def _check_args(model, text, scale_schedule, cfg, tau, top_k, top_p, seed, force
 def generate(model, text: TextInput, scale_schedule, cfg: Union[float, Sequence[float]] = 3.0,
              tau: Union[float, Sequence[float]] = 1.0, top_k: int = 0, top_p: float = 0.0, seed: Optional[int] = None,
              force_bits: Optional[Sequence[torch.Tensor]] = None, return_logits: bool = False,
-             num_scales: Optional[int] = None, scale_runner=None) -> GenerationOutput:
+             num_scales: Optional[int] = None, scale_runner: Optional[ScaleRunner] = None) -> GenerationOutput:
     """Sample the scales of ``scale_schedule`` for the prompts in ``text``; see the module docstring.
 
     ``cfg`` and ``tau`` are a number or a list of exactly one per scale of the schedule. ``num_scales`` stops
     after that many scales (the official ``trunk_scale``); the codes summed so far are returned at the final
-    grid. ``scale_runner`` replaces the eager transformer (graphsurgeon passes its captured graphs here); it has
-    ``run(...)`` and ``mix(...)`` as :class:`EagerScaleRunner` and is a context manager.
+    grid. ``scale_runner`` replaces the eager runner (graphsurgeon passes one over its captured graphs here).
     """
     args = _check_args(model, text, scale_schedule, cfg, tau, top_k, top_p, seed, force_bits, return_logits,
                        num_scales)
@@ -364,7 +366,7 @@ def validate_generate_args(model, **kwargs: Any) -> GenerateArgs:
 
 
 @torch.no_grad()
-def generate_checked(model, args: GenerateArgs, scale_runner=None) -> GenerationOutput:
+def generate_checked(model, args: GenerateArgs, scale_runner: Optional[ScaleRunner] = None) -> GenerationOutput:
     """The sampling loop of :func:`generate` on checked arguments (see :func:`validate_generate_args`)."""
     device = model.pos_start.device
     kv, lens, cu, max_len = args.kv, args.lens, args.cu, args.max_len
@@ -376,9 +378,8 @@ def generate_checked(model, args: GenerateArgs, scale_runner=None) -> Generation
         rng = torch.Generator(device=device)
         rng.manual_seed(args.seed)
 
-    use_cfg = any(c != 1 for c in args.cfg)
-    bs = 2 * B if use_cfg else B
-    if use_cfg:
+    bs = B * cfg_repeat(args)
+    if bs != B:
         kv, cu = double_text_for_cfg(kv, lens, cu, model.cfg_uncond)
 
     kv = model.text_norm(kv)
@@ -387,26 +388,30 @@ def generate_checked(model, args: GenerateArgs, scale_runner=None) -> Generation
     last_stage = sos.unsqueeze(1).expand(bs, 1, -1) + model.pos_start.expand(bs, 1, -1)
     with torch.autocast("cuda", enabled=False):
         cond_gss = model.shared_ada_lin(cond_BD.float()).float().contiguous()
+    rope_table = model.rope2d_freqs_grid[str(tuple(schedule))]
 
     bits_out: list[torch.Tensor] = []
     logits_out: list[torch.Tensor] = []
     summed_codes = torch.zeros(B, codebook_dim, *vae_schedule[-1], device=device)
-    with scale_runner or EagerScaleRunner(model) as runner:
+    with scale_runner or EagerScaleRunner(model, args) as runner:
         for si, (_, h, w) in enumerate(schedule[:args.n_run]):
             cfg_si = args.cfg[si]
-            rows = bs if cfg_si != 1 else B
-            logits = runner.run(si, schedule, max_len, last_stage, cond_gss, cond_BD, kv, cu, rows)
+            inputs = dict(tokens=last_stage, cond_gss=cond_gss, cond_BD=cond_BD, text_kv=kv, text_cu_seqlens=cu,
+                          rope_table=rope_table)
+            logits = runner.scale(si, inputs)["logits"]
+            if cfg_si == 1 and logits.shape[0] > B:  # no guidance at this scale: the conditional rows only
+                logits = logits[:B]
             logits = logits.mul(1 / args.tau[si])
             if cfg_si != 1:
-                logits = runner.mix(logits, B, cfg_si)
+                logits = runner.guide(si, logits, B, cfg_rule(cfg_si))
             if args.return_logits:
                 logits_out.append(logits)
             drawn = sample_bits(logits.reshape(B, -1, 2), args.top_k, args.top_p, rng).reshape(B, h, w, -1)
             if patchify:  # (B, h, w, 4d) -> (B, 2h, 2w, d)
                 drawn = F.pixel_shuffle(drawn.permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
             bits = args.forced[si] if si < len(args.forced) else drawn.unsqueeze(1).to(torch.uint8)
-            result = runner.residual(si, vae_schedule, args.n_run, bits, summed_codes, codebook_dim, patchify, bs // B)
-            bits_out.append(result.get("bits", bits))  # a pass may replace bits (LHEP keeps R_{k-1} where it skips)
+            result = runner.residual(si, {"bits": bits, "summed_codes": summed_codes})
+            bits_out.append(result["bits"])  # a pass may replace bits (LHEP keeps R_{k-1} where it skips)
             summed_codes = result["summed_codes"]
             last_stage = result.get("next_tokens")
     return GenerationOutput(bits=bits_out, summed_codes=summed_codes,
