@@ -34,6 +34,9 @@ class ModelAdapter(abc.ABC):
     name: ClassVar[str]
     """The name the adapter is registered and found under (``--adapter``)."""
 
+    default_config: ClassVar[Optional[str]] = None
+    """The named config ``--config`` means when it is not given (a small one, so commands run anywhere)."""
+
     operating_points: ClassVar[dict[str, dict[str, Any]]] = {}
     """Named fixed pass settings for benchmarks (``bench --operating-point NAME``): ``{name: {pass: settings}}``."""
 

@@ -50,8 +50,9 @@ def _positive_float(text: str) -> float:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", default="infinity", help="adapter name (a package under model_adapters)")
-    parser.add_argument("--config", default="infinity-tiny", help="the adapter's named model config")
+    parser.add_argument("--adapter", default="infinity",
+                        help="adapter name (a package under model_adapters, an entry point) or package.module:Class")
+    parser.add_argument("--config", help="the adapter's named model config (default: the adapter's default_config)")
     parser.add_argument("--batch-size", type=_positive_int, default=1)
     parser.add_argument("--h-div-w", type=_positive_float, default=1.0, help="aspect ratio height/width")
     parser.add_argument("--pn", default="1M", help="pixel preset of the schedule (e.g. 0.25M, 1M)")
@@ -60,6 +61,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def _prepare(args: argparse.Namespace, device: str, seed: Optional[int] = None) -> tuple[Any, Any, dict[str, Any]]:
     """The adapter, the model and its capture arguments (schedule and placeholder text)."""
     adapter = get_adapter(args.adapter)
+    if args.config is None:
+        if adapter.default_config is None:
+            raise ConfigError(f"adapter {args.adapter!r} names no default config: give --config")
+        args.config = adapter.default_config
     model = adapter.build_model(args.config, device=device, seed=seed)
     return adapter, model, adapter.capture_args(model, batch_size=args.batch_size, h_div_w=args.h_div_w, pn=args.pn)
 
@@ -82,8 +87,8 @@ def export(args: argparse.Namespace) -> int:
 
     passes = [p for p in args.passes.split(",") if p]
     resolve_passes(passes)  # unknown or repeated pass names fail before the model is built
-    _, _, shapes = _prepare(args, device="meta")  # structure only: config, schedule and scale count, no weights
-    scales = len(shapes["scale_schedule"])
+    adapter, meta_model, shapes = _prepare(args, device="meta")  # structure only: config and schedule, no weights
+    scales = len(adapter.capture_plan(meta_model, adapter.validate(meta_model, **shapes)).scales)  # a plan, no capture
     if not -scales <= args.onnx_scale < scales:
         raise ConfigError(f"--onnx-scale {args.onnx_scale}: the schedule ({args.pn}) has {scales} scales; give "
                           f"0..{scales - 1}, or -{scales}..-1 counting from the last")
@@ -122,7 +127,7 @@ def diff(args: argparse.Namespace) -> int:
     else:
         fast.generate(**generate_kwargs)
     path = fast.report.write(out)
-    print(f"graphsurgeon diff: {args.config} (random weights and text), passes {args.passes}: report written to {path}")
+    print(f"graphsurgeon diff: {args.config} (random weights and conditions), passes {args.passes}: report written to {path}")
     return 0
 
 

@@ -12,7 +12,7 @@ from .errors import ConfigError
 def _make_writable_dir(path: Path) -> Optional[str]:
     """Create ``path`` (and its parents) and create a file in it; None when that works, else why not.
 
-    Creating is the only reliable test: permission bits say nothing for root or on a read-only file system.
+    Creating is the only reliable test: permission flags say nothing for root or on a read-only file system.
     """
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():

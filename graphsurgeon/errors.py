@@ -14,4 +14,4 @@ class CheckpointError(GraphsurgeonError):
 
 
 class InputError(GraphsurgeonError):
-    """A runtime input (text features, scale schedule, forced bits) is inconsistent."""
+    """A runtime input (conditions, scale schedule, forced values) is inconsistent."""

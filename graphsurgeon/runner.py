@@ -9,8 +9,8 @@ the optimized model share every line of sampling::
             logits = r.scale(si, {"tokens": x, ...})["logits"]          # the transformer step
             logits = r.guide(si, logits, batch, lambda c, u: ...)      # CFG on the doubled batch, by its rule
             drawn = sample(logits)
-            out = r.residual(si, {"bits": drawn, ...})                  # drawn values -> R_k -> next input
-            drawn = out["bits"]                                         # what was used (a pass may replace it)
+            out = r.residual(si, {"drawn": drawn, ...})                 # drawn values -> R_k -> next input
+            drawn = out["drawn"]                                        # what was used (a pass may replace it)
 
 Inputs and outputs are matched by the names the capture plan declares, never by position; what the passes
 need of them they find through the roles the plan declares (:class:`graphsurgeon.capture.ScaleSpec`).

@@ -1,7 +1,7 @@
 """LHEP (latent high-frequency energy pruning), LD-Pruning's "where to refine".
 
 At an LHEP scale k the tokens worth computing are chosen from the previous scale's residual map R_{k-1}
-((B, C, h, w), the residual step's declared ``residual_output``: BSQ codes, VQ codebook vectors, ...):
+((B, C, h, w), the residual step's declared ``residual_output``: binary codes, codebook vectors, ...):
 
 1. energy: the 2x2 Haar high-frequency bands (LH, HL, HH), stride 2, per channel, squared and summed over the
    bands and channels -> (B, h/2, w/2);
@@ -152,6 +152,7 @@ class LHEP(GraphPass):
             if value.dim() != 4:
                 raise ConfigError(f"pass 'lhep': residual step {graph.index}'s residual_output "
                                   f"{graph.residual_output!r} has shape {tuple(value.shape)}; R_k must be (B, C, h, w)")
+            _check_sampled_grid(graph, tuple(captured.scales[graph.index].grid[-2:]))
 
     def rewrite(self, captured) -> list[GraphEdit]:
         lhep_scales = self.scales(len(captured.scales))
@@ -198,6 +199,22 @@ class LHEP(GraphPass):
 
     def runtime(self, captured) -> "LHEPRuntime":
         return LHEPRuntime(captured)
+
+
+def _check_sampled_grid(graph, grid: tuple[int, int]) -> None:
+    """The declared (height, width) dimensions of the drawn values must hold the token grid (or a multiple)."""
+    placeholder = next((n for n in graph.module.graph.nodes if n.op == "placeholder" and n.target == graph.sampled_input),
+                       None)
+    if placeholder is None:
+        raise ConfigError(f"pass 'lhep': residual step {graph.index} has no input {graph.sampled_input!r} "
+                          f"(its inputs: {graph.input_names})")
+    shape = tuple(placeholder.meta["val"].shape)
+    axes = graph.sampled_axes
+    fits = len(axes) == 2 and all(0 < a < len(shape) for a in axes) and axes[0] != axes[1] and all(
+        shape[a] % g == 0 for a, g in zip(axes, grid))
+    if not fits:
+        raise ConfigError(f"pass 'lhep': residual step {graph.index} declares sampled_axes {axes} of "
+                          f"{graph.sampled_input!r} {shape}, which do not hold the token grid {grid} (or a multiple)")
 
 
 def _output_value(graph, name: str) -> torch.Tensor:
@@ -287,7 +304,7 @@ def _rewrite_scale(scale, batch: int, total_rows: int, rule: Optional[tuple], pr
             row_axis = meet_row - (meet.meta["val"].dim() - value.meta["val"].dim())
             expression = (_expression(value, mutated, expressions), axis, row_axis)
             side = gathered_by_expression.get(expression) if expression[0] is not None else None
-            if side is None:  # every block slices the same RoPE rows: gather them once, not once per block
+            if side is None:  # every block slices the same position rows: gather them once, not once per block
                 with graph.inserting_after(value):
                     side = _tag(graph.call_function(gather_tokens, (value, index, valid, axis, row_axis)),
                                 "gather_side_input")
@@ -551,8 +568,8 @@ def residual_scatter(sampled: torch.Tensor, keep: torch.Tensor, previous: torch.
     """Eq. 14: kept positions take this scale's drawn values, skipped ones the previous scale's, upsampled (nearest).
 
     ``sampled`` and ``previous``: batch first, their (height, width) at ``axes`` (any other dimensions, e.g. the
-    bits of a code, ride along); keep (B, h*w) on the token grid, whose size the drawn grid may be a multiple of
-    (2x2 patchify). Binary, categorical and float values alike: nothing is rounded."""
+    channels of a code, ride along); keep (B, h*w) on the token grid, whose size the drawn grid may be a multiple of
+    (e.g. 2x2 values per token). Binary, categorical and float values alike: nothing is rounded."""
     if bool(keep.all()):
         return sampled
     x = sampled.movedim(axes, (-2, -1))

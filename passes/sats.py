@@ -14,7 +14,7 @@ computed for any later scale; its guidance uses the conditional logits. Each sam
 Model-neutral: the pass reads the CFG layout (``cfg_batch``: rows [0:B] conditional, [B:2B] unconditional), the
 per-row inputs, the optional packed per-row input and the logits from the roles the adapter declares, and it
 never mixes the branches itself: the guided logits of the samples still running come from the sampler's own
-rule (``runner.guide``), so any mix (Infinity's ``cfg*c + (1-cfg)*u``, VAR's ramp ``(1+t)*c - t*u``) is kept.
+rule (``runner.guide``), so any mix (``cfg*c + (1-cfg)*u``, a ramp ``(1+t)*c - t*u``, ...) is kept.
 """
 from __future__ import annotations
 
@@ -102,8 +102,8 @@ class SATS(GraphPass):
         """CFG on a doubled batch, and on every guarded scale: the per-row inputs, the logits, and state whose
         rows run along its first dimension (the guard selects the running rows of each)."""
         if captured.plan.cfg_batch is None:
-            raise ConfigError("pass 'sats' needs classifier-free guidance on a doubled batch (the plan's cfg_batch; "
-                              "for Infinity-like samplers: cfg != 1)")
+            raise ConfigError("pass 'sats' needs classifier-free guidance on a doubled batch (the capture plan "
+                              "declares no cfg_batch: is guidance off, e.g. cfg = 1?)")
         sats_scales = self.scales(len(captured.scales))
         self.fixed_stop(len(captured.scales))  # a bad stop scale is refused before any graph is edited
         if not sats_scales:

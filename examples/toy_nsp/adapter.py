@@ -13,6 +13,7 @@ from .model import ToyArgs, build_toy, caching, check_args, eager_runner, sample
 
 class ToyAdapter(ModelAdapter):
     name = "toy-nsp"
+    default_config = "toy-nsp"
 
     def build_model(self, config: Any, device: str = "meta", seed: Optional[int] = None, draw_on_device=False):
         return build_toy(None if config in (None, "toy-nsp") else config, device=device, seed=seed)

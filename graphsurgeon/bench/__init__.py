@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated: 'none' or pass names joined by '+'")
     parser.add_argument("--pass-config", type=_json_object, default={},
                         help='adaptive settings as JSON, e.g. \'{"lhep": {"rho": 0.5}}\' (passes in --pass-sets only)')
-    parser.add_argument("--operating-point", help="fixed operating point named by the adapter (infinity: paper)")
+    parser.add_argument("--operating-point", help="fixed operating point named by the adapter (its operating_points)")
     parser.add_argument("--keep-fraction", type=_scale_fractions, help="fixed kept fraction per LHEP scale, 10:0.5,...")
     parser.add_argument("--stop-scale", type=int, help="fixed SATS stop scale for every sample")
     parser.add_argument("--warmup", type=int, default=1)

@@ -46,7 +46,7 @@ class ScaleSpec:
     """Role "logits" of a scale step: the output holding per-token logits (rows, tokens, V). Passes that
     compare the CFG branches or put pruned tokens back read it."""
     sampled_input: Optional[str] = None
-    """Role "sampled" of a residual step: the input holding the values drawn at this scale (bits, code
+    """Role "sampled" of a residual step: the input holding the values drawn at this scale (binary codes, code
     indices or their embeddings), batch first. A pass that replaces drawn values (LHEP's Eq. 14) rewrites it."""
     sampled_axes: Optional[tuple[int, int]] = None
     """The (height, width) dimensions of ``sampled_input`` (its grid may be a multiple of the token grid)."""

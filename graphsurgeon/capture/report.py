@@ -61,7 +61,7 @@ class CaptureReport:
     def specialised(self) -> list[str]:
         """What each graph is specialised to (it is re-captured when these change)."""
         return ["scale index, token grid and token count of its scale", "batch rows (CFG-doubled batch)",
-                "KV-cache lengths (tokens of the earlier scales)", "text lengths (packed text rows)",
+                "KV-cache lengths (tokens of the earlier scales)", "lengths of packed per-row inputs (e.g. prompts)",
                 "dtypes and device"]
 
     def to_dict(self) -> dict[str, Any]:

@@ -8,7 +8,7 @@ matmul) and by right-aligned broadcasting for the rest. Results go to ``node.met
   a list for tuple-valued nodes;
 - ``kv_axis``: set on a concatenation that appends this scale's tokens to earlier ones (a KV cache);
 - ``role = "token_side_input"``: a value without its own token axis that meets the token axis in a
-  broadcasting op with one entry per token (RoPE slices, per-token embeddings). ``side_input_root`` marks
+  broadcasting op with one entry per token (rotary or learned position slices, per-token embeddings). ``side_input_root`` marks
   where such a value is cut from a larger tensor (the node a token gather must replace).
 """
 from __future__ import annotations
@@ -301,7 +301,7 @@ def propagate_token_axes(graph: torch.fx.Graph, token_input: str, token_axis: in
 
 def propagate_axis(graph: torch.fx.Graph, source: torch.fx.Node, axis: int, extent: int, key: str) -> int:
     """Annotate ``key`` (and ``key + "_merged"``) on every node downstream of ``source``'s dimension ``axis``
-    (e.g. the batch rows of the token input, or the packed rows of a text input). Returns the count annotated."""
+    (e.g. the batch rows of the token input, or the packed rows of a packed per-row input). Returns the count annotated."""
     axes: dict[torch.fx.Node, Any] = {}
     seen = False
     annotated = 0
