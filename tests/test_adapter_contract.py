@@ -75,3 +75,18 @@ def test_optional_members_have_defaults():
     assert adapter.precision(None, torch.float32)() is not None
     with pytest.raises(ConfigError, match="runs float32 only"):
         adapter.precision(None, torch.bfloat16)
+
+
+def test_an_outside_adapter_missing_members_is_named_by_check(capsys):
+    assert main(["check", "--adapter", "tests.test_adapter_contract:HalfDone"]) == 2
+    err = capsys.readouterr().err
+    assert "does not meet the adapter contract: it lacks" in err and "'sample'" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_var_and_the_worked_example_meet_the_contract():
+    from examples.toy_nsp.adapter import ToyAdapter
+    from model_adapters.var.adapter import VARAdapter
+
+    assert missing_members(VARAdapter) == [] and missing_members(ToyAdapter) == []
+    assert isinstance(get_adapter("var"), VARAdapter)

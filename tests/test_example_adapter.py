@@ -115,3 +115,13 @@ def test_the_cli_takes_an_adapter_outside_model_adapters():
     bad = subprocess.run([sys.executable, "-m", "graphsurgeon", "check", "--adapter", "examples.toy_nsp.adapter:Nope"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "has no attribute 'Nope'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_diff_and_export_run_on_an_outside_adapter(tmp_path):
+    from graphsurgeon.cli import main
+
+    adapter = ["--adapter", "examples.toy_nsp.adapter:ToyAdapter"]
+    assert main(["diff", *adapter, "--passes", "lhep,sats", "--out", str(tmp_path / "report.md")]) == 0
+    assert "lhep" in (tmp_path / "report.md").read_text()
+    assert main(["export", *adapter, "--passes", "lhep,sats", "--out", str(tmp_path / "export")]) == 0
+    assert (tmp_path / "export" / "scale_06.onnx").exists()  # the last scale, rewritten by both passes

@@ -40,6 +40,7 @@ class InfinityAdapter(ModelAdapter):
     """Adapter for Infinity-2B/8B."""
 
     name = "infinity"
+    default_config = "infinity-tiny"
 
     # -- benchmarks: facts about the paper (LD-Pruning, Tables 2 and 4: single H100, batch 1, seconds) -------------
     paper_latency_s = {"infinity-2b": {"baseline": 0.90, "lhep": 0.55, "sats": 0.73, "lhep+sats": 0.52},

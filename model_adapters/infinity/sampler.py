@@ -21,26 +21,23 @@ The loop is written against graphsurgeon's :class:`~graphsurgeon.runner.ScaleRun
 functions eagerly; graphsurgeon's runs their captured graphs.
 
 Threads: the eager runner keeps the attention KV caches in the model's modules, so eager runs of one model are
-serialised (:func:`model_lock`, held while an :class:`EagerScaleRunner` is entered); runs of different models,
+serialised (:func:`graphsurgeon.runner.model_lock`, held while an :class:`EagerScaleRunner` is entered); runs of different models,
 and graphsurgeon's graph runs (their caches are graph values), proceed in parallel.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import numbers
 import operator
-import threading
-import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, ContextManager, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from graphsurgeon.errors import InputError
-from graphsurgeon.runner import GuidanceRule, ScaleRunner, StepRunner
+from graphsurgeon.runner import GuidanceRule, ScaleRunner, StepRunner, stateful_mode
 
 from .schedules import identify_schedule
 
@@ -125,32 +122,13 @@ def residual_step(model, scale_ind: int, vae_schedule, n_run: int, bits: torch.T
             "next_tokens": model.word_embed(model.norm0_ve(nxt)).repeat(repeat, 1, 1)}
 
 
-_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
-_MODEL_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model: torch.nn.Module) -> threading.RLock:
-    """The lock serialising every use of ``model``'s attention KV caches (module state): one per model,
-    re-entrant, dropped with the model."""
-    with _MODEL_LOCKS_GUARD:
-        lock = _MODEL_LOCKS.get(model)
-        if lock is None:
-            lock = _MODEL_LOCKS[model] = threading.RLock()
-        return lock
-
-
-@contextlib.contextmanager
-def kv_caching(model) -> Iterator[None]:
-    """The model's attention KV caching on, holding :func:`model_lock` (two runs of one model at once would share,
-    and reset, each other's caches)."""
-    with model_lock(model):
+def kv_caching(model) -> ContextManager[None]:
+    """The attention KV caches on for one generation (or one capture), holding the model's lock: two runs of one
+    model at once would share, and reset, each other's caches, so the second waits for the first."""
+    def switch(on: bool) -> None:
         for block in model.unregistered_blocks:
-            block.sa.kv_caching(True)
-        try:
-            yield
-        finally:
-            for block in model.unregistered_blocks:
-                block.sa.kv_caching(False)
+            block.sa.kv_caching(on)
+    return stateful_mode(model, switch)
 
 
 class EagerScaleRunner(StepRunner):
