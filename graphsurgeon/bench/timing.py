@@ -17,6 +17,7 @@ import torch
 import torch.fx
 
 from ..meta import annotations
+from ..runner import GuidanceRule, ScaleRunner
 
 
 class Clock:
@@ -58,8 +59,10 @@ class ScaleTimer:
                 for (scale, start), (_, end) in zip(self.marks, self.marks[1:])}
 
 
-class _TimedRunner:
-    def __init__(self, inner: Any, timer: ScaleTimer):
+class _TimedRunner(ScaleRunner):
+    """A scale runner that marks the time of each ``scale`` call and delegates everything to ``inner``."""
+
+    def __init__(self, inner: ScaleRunner, timer: ScaleTimer):
         self._inner, self._timer = inner, timer
 
     def __enter__(self) -> "_TimedRunner":
@@ -71,12 +74,15 @@ class _TimedRunner:
         self._timer.marks.append(("end", self._timer.clock.mark()))
         return self._inner.__exit__(*exc)
 
-    def scale(self, index: int, inputs: dict) -> Any:
+    def scale(self, index: int, inputs: dict) -> dict:
         self._timer.marks.append((index, self._timer.clock.mark()))
         return self._inner.scale(index, inputs)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+    def residual(self, index: int, inputs: dict) -> dict:
+        return self._inner.residual(index, inputs)
+
+    def guide(self, index: int, logits: torch.Tensor, batch: int, rule: GuidanceRule) -> torch.Tensor:
+        return self._inner.guide(index, logits, batch, rule)
 
 
 # -- time inside inserted nodes ---------------------------------------------------------------------------
