@@ -17,6 +17,7 @@ import torch
 
 from .capture import CapturePlan
 from .errors import ConfigError
+from .images import ImagePipeline, ImageSources
 from .runner import ScaleRunner
 
 
@@ -88,6 +89,17 @@ class ModelAdapter(abc.ABC):
     def generate(self, model: Any, scale_runner: Optional[ScaleRunner] = None, **generate_kwargs: Any) -> Any:
         """The baseline as users call it: validate, then sample."""
         return self.sample(model, self.validate(model, **generate_kwargs), scale_runner)
+
+    def check_sources(self, sources: ImageSources, conditions: list[str]) -> None:
+        """Check the user's files and conditions for ``graphsurgeon generate`` (files exist and fit each other,
+        conditions are valid prompts or labels) before anything is loaded; raise a ConfigError naming the file or
+        condition. Default: the family does not generate images."""
+        raise ConfigError(f"adapter {self.name!r} does not generate images (it has no image_pipeline)")
+
+    def image_pipeline(self, sources: ImageSources) -> ImagePipeline:
+        """The loaded transformer with its condition encoder and decoder (random stand-ins, said in ``notes``,
+        where ``sources`` names no file). Default: the family does not generate images."""
+        raise ConfigError(f"adapter {self.name!r} does not generate images (it has no image_pipeline)")
 
     def precision(self, model: Any, dtype: Any) -> Callable[[], ContextManager[Any]]:
         """Prepare ``model`` for ``dtype`` and return a factory of the context to run in. Default: float32 only."""

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 from .adapters import get_adapter
@@ -131,6 +132,23 @@ def diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate(args: argparse.Namespace) -> int:
+    from .generate import make_job, read_prompts, run_generate
+    from .images import ImageSources, SamplingSettings
+
+    conditions = list(args.prompt or [])
+    if args.prompts:
+        conditions += read_prompts(Path(args.prompts))
+    passes = [p for p in args.passes.split(",") if p]
+    job = make_job(adapter=args.adapter, conditions=conditions, seed=args.seed, passes=passes,
+                   pass_config=args.pass_config or {}, dtype=args.dtype, out=args.out, compare=args.compare,
+                   sources=ImageSources(config=args.config, checkpoint=args.checkpoint, vae=args.vae,
+                                        text_encoder=args.text_encoder, device=args.device, seed=args.seed),
+                   settings=SamplingSettings(h_div_w=args.h_div_w, pn=args.pn, cfg=args.cfg, tau=args.tau))
+    run_generate(job)
+    return 0
+
+
 def bench(args: argparse.Namespace) -> int:
     from .bench import run_and_write
 
@@ -159,6 +177,10 @@ def _parser() -> argparse.ArgumentParser:
     diff_parser.add_argument("--out", required=True, help="report file: .html, .md or .json")
     diff_parser.add_argument("--flops", action="store_true", help="also measure FLOPs (runs the baseline too)")
     diff_parser.set_defaults(run=diff)
+    generate_parser = commands.add_parser("generate", help="conditions in, PNGs and a manifest out (optimized; "
+                                                           "--compare: the unaccelerated model beside it)")
+    _generate_arguments(generate_parser)
+    generate_parser.set_defaults(run=generate)
     from .bench import add_arguments
 
     bench_parser = commands.add_parser("bench", help="time the baseline and the optimized model per pass set; "
@@ -166,6 +188,34 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(bench_parser)
     bench_parser.set_defaults(run=bench)
     return parser
+
+
+def _generate_arguments(parser: argparse.ArgumentParser) -> None:
+    from .bench import json_object
+
+    parser.add_argument("--adapter", default="infinity",
+                        help="adapter name (a package under model_adapters, an entry point) or package.module:Class")
+    parser.add_argument("--config", help="named model config (with --checkpoint: its layout; default: the "
+                                         "adapter's default_config, random weights)")
+    parser.add_argument("--checkpoint", type=Path, help="the transformer's weights (never unpickled)")
+    parser.add_argument("--vae", type=Path, help="the decoder's weights (default: a seeded random decoder)")
+    parser.add_argument("--text-encoder", type=Path, help="local folder of the text encoder (e.g. Flan-T5); "
+                                                          "default: a seeded random stand-in")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable); for class-conditional models "
+                                                          "a class label")
+    parser.add_argument("--prompts", help="a UTF-8 file with one prompt per line")
+    parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    parser.add_argument("--h-div-w", type=_positive_float, default=1.0, help="aspect ratio height/width")
+    parser.add_argument("--pn", default="1M", help="pixel preset of the schedule (e.g. 0.25M, 1M)")
+    parser.add_argument("--cfg", type=float, help="guidance scale (default: the family's)")
+    parser.add_argument("--tau", type=_positive_float, help="sampling temperature (default: the family's)")
+    parser.add_argument("--passes", default="", help="comma-separated passes, e.g. lhep,sats (default: none)")
+    parser.add_argument("--pass-config", type=json_object, help='pass settings as JSON, e.g. \'{"lhep": {"rho": 0.5}}\'')
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", help="float32, or bfloat16 on CUDA")
+    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument("--compare", action="store_true", help="also run the unaccelerated model with the same "
+                                                               "seeds: side-by-side pictures, PSNR and SSIM")
 
 
 def _fail(message: str) -> int:

@@ -25,7 +25,8 @@ def _scale_fractions(text: str) -> dict[int, float]:
         raise argparse.ArgumentTypeError(f"expected scale:fraction pairs like 10:0.5,11:0.5, got {text!r}") from None
 
 
-def _json_object(text: str) -> dict:
+def json_object(text: str) -> dict:
+    """argparse type: a JSON object (pass settings by pass name)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
@@ -45,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pass-sets", default=",".join(DEFAULT_PASS_SETS),
                         help="comma-separated: 'none' or pass names joined by '+'")
-    parser.add_argument("--pass-config", type=_json_object, default={},
+    parser.add_argument("--pass-config", type=json_object, default={},
                         help='adaptive settings as JSON, e.g. \'{"lhep": {"rho": 0.5}}\' (passes in --pass-sets only)')
     parser.add_argument("--operating-point", help="fixed operating point named by the adapter (its operating_points)")
     parser.add_argument("--keep-fraction", type=_scale_fractions, help="fixed kept fraction per LHEP scale, 10:0.5,...")

@@ -14,6 +14,7 @@ import torch
 from graphsurgeon.adapters import ModelAdapter
 from graphsurgeon.capture import CapturePlan, ScaleSpec, StateSlot
 from graphsurgeon.errors import ConfigError
+from graphsurgeon.images import ImagePipeline, ImageSources
 from graphsurgeon.runner import ScaleRunner
 
 from .builder import build_infinity
@@ -80,6 +81,17 @@ class InfinityAdapter(ModelAdapter):
         for block in model.unregistered_blocks:
             block.bfloat16()
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+
+    # -- images (graphsurgeon generate): prompt -> T5 features -> transformer -> BSQ-VAE ------------------------
+    def check_sources(self, sources: ImageSources, conditions: list[str]) -> None:
+        from .pipeline import check_sources  # the text encoder imports transformers: only when generating images
+
+        check_sources(sources)  # any text is a prompt
+
+    def image_pipeline(self, sources: ImageSources) -> ImagePipeline:
+        from .pipeline import image_pipeline
+
+        return image_pipeline(sources)
 
     def baseline_runner(self, model: Any, args: GenerateArgs) -> EagerScaleRunner:
         """The scale runner the baseline sampler uses (the eager model), for wrapping with observers."""

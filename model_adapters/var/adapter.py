@@ -14,6 +14,7 @@ import torch
 from graphsurgeon.adapters import ModelAdapter
 from graphsurgeon.capture import CapturePlan, ScaleSpec, StateSlot
 from graphsurgeon.errors import InputError
+from graphsurgeon.images import ImagePipeline, ImageSources
 from graphsurgeon.runner import ScaleRunner
 
 from .builder import build_var
@@ -62,6 +63,16 @@ class VARAdapter(ModelAdapter):
 
     def sample(self, model: Any, call: VARCall, scale_runner: Optional[ScaleRunner] = None) -> VAROutput:
         return generate_checked(model, call.vae, call.args, scale_runner)
+
+    def check_sources(self, sources: ImageSources, conditions: list[str]) -> None:
+        from .pipeline import check_sources
+
+        check_sources(sources, conditions)
+
+    def image_pipeline(self, sources: ImageSources) -> ImagePipeline:
+        from .pipeline import image_pipeline
+
+        return image_pipeline(sources)
 
     def baseline_runner(self, model: Any, call: VARCall) -> EagerRunner:
         return EagerRunner(model, call.vae)
