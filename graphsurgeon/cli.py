@@ -199,7 +199,7 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
                                          "adapter's default_config, random weights)")
     parser.add_argument("--checkpoint", type=Path, help="the transformer's weights (never unpickled)")
     parser.add_argument("--vae", type=Path, help="the decoder's weights (default: a seeded random decoder)")
-    parser.add_argument("--text-encoder", type=Path, help="local folder of the text encoder (e.g. Flan-T5); "
+    parser.add_argument("--text-encoder", type=Path, help="local folder of the text encoder; "
                                                           "default: a seeded random stand-in")
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable); for class-conditional models "
                                                           "a class label")

@@ -408,11 +408,18 @@ def _rewrite_residual(scale, grid: tuple, prune: bool) -> GraphEdit:
 
 class LHEPRuntime(PassRuntime):
     """Carries R_{k-1}, the drawn values, the keep masks and the key-validity record between the graphs of one
-    ``generate``."""
+    ``generate``.
+
+    Stats, one entry per scale: ``scale``, ``tokens``, ``kept`` (per sample; None where LHEP does not act),
+    ``width`` (the padded count every running row computes), ``grid`` ([h, w], the token grid) and ``mask``:
+    per sample, h strings of w characters, "1" where the token was kept (row-major, the tokens' order), None
+    where LHEP does not act. Strings, not tensors, because stats go to JSON manifests and the diff report draws
+    them; a 64x64 grid costs 4 KiB per sample."""
 
     def __init__(self, captured):
         super().__init__()
         self.tokens = [s.tokens for s in captured.scales]
+        self.grids = [tuple(s.grid[-2:]) for s in captured.scales]
         self.previous_residual = self.previous_sampled = self.keep = self.history = None
 
     def inputs(self, graph, region: str, device: torch.device) -> dict:
@@ -429,7 +436,17 @@ class LHEPRuntime(PassRuntime):
         self.keep = outputs.get("lhep_keep")
         kept = self.keep.sum(dim=1).tolist() if self.keep is not None else None
         width = max(kept) if kept else None  # every row that runs computes this many token positions (padding)
-        self.stats.append({"scale": graph.index, "tokens": self.tokens[graph.index], "kept": kept, "width": width})
+        grid = self.grids[graph.index]
+        mask = self._mask_rows(self.keep, grid) if self.keep is not None else None
+        self.stats.append({"scale": graph.index, "tokens": self.tokens[graph.index], "kept": kept, "width": width,
+                           "grid": list(grid), "mask": mask})
+
+    @staticmethod
+    def _mask_rows(keep: torch.Tensor, grid: tuple[int, int]) -> list[list[str]]:
+        """(B, h*w) bool -> per sample, h strings of w "0"/"1" characters."""
+        height, width = grid
+        codes = (keep.reshape(-1, height, width).to(torch.uint8) + ord("0")).cpu()
+        return [[bytes(row.tolist()).decode("ascii") for row in sample] for sample in codes]
 
 
 # -- nodes the rewrite inserts ----------------------------------------------------------------------------

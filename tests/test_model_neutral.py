@@ -6,7 +6,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAMES = re.compile(r"(?i:cached_[kv]|cond_gss|cond_BD|cu_seqlens|text_kv|patchify|\brope|infinity|flan|"
-                         r"\bt5\b|\bvae\b|vqvae)|\bbits\b|\bBSQ\b|\bVAR\b|\bHART\b")
+                         r"\bt5\b|vqvae|bsq)|\bbits\b|\bVAR\b|\bHART\b")
+"""A VAE (the decoder every family has) and a text encoder are kinds of component, not a model: ``--vae`` and
+``--text-encoder`` are options of ``graphsurgeon generate``."""
 ADAPTER_DEFAULTS = re.compile(r"""["']infinity(-tiny)?["']""")
 """The one exception: the default adapter and config names of the command line (``--adapter infinity``)."""
 

@@ -40,32 +40,35 @@ def test_json_schema_and_content(report):
     assert {"lhep", "sats"} <= set(added) and scale9["regions"]["residual"]["added"]["lhep"]
     assert data["scales"][2]["regions"]["scale"]["added"] == {}  # untouched scales show no change
     assert 0 < data["flops"]["ratio"]["optimized_vs_baseline"] < 1
+    masks = data["lhep_masks"]  # the keep masks as strings (the pictures are only in the HTML)
+    assert [m["scale"] for m in masks] == [7, 8, 9] and [len(m["masks"][0]) for m in masks] == [20, 24, 32]
 
 
 def test_markdown_has_the_summary(report):
     text = report.markdown()
     assert "| scale | grid | tokens before |" in text and "| 9 | 32x32 | 1024 |" in text
     assert "added by lhep: `lhep_history`" in text
+    assert "Pictures (LHEP keep masks, SATS decisions, FLOP bars) are in the HTML report" in text
 
 
-def chromium(path, tmp_path):
+def chromium(path, tmp_path, *action: str):
+    """Headless Chromium on the page at ``path``, doing ``action`` (``--dump-dom``, ``--screenshot=...``), offline."""
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0", "--dump-dom",
-               path.as_uri()]
+               f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0", *action, path.as_uri()]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium package is not installed (.ci/run installs it)")
 def test_html_loads_in_headless_chromium_without_console_errors(report, tmp_path):
     page = report.write(tmp_path / "report.html")
-    result = chromium(page, tmp_path)
+    result = chromium(page, tmp_path, "--dump-dom")
     assert result.returncode == 0
     assert '<table id="summary">' in result.stdout and "<td>1024</td>" in result.stdout
     assert "CONSOLE" not in result.stderr and "Uncaught" not in result.stderr
     broken = tmp_path / "broken.html"  # control: a page that does throw is caught by the same check
     broken.write_text("<html><body><script>undefinedFunction()</script></body></html>")
-    assert "Uncaught" in chromium(broken, tmp_path).stderr
+    assert "Uncaught" in chromium(broken, tmp_path, "--dump-dom").stderr
 
 
 def test_cli_diff_writes_the_report(tmp_path, capsys):
