@@ -142,6 +142,7 @@ def generate(args: argparse.Namespace) -> int:
     passes = [p for p in args.passes.split(",") if p]
     job = make_job(adapter=args.adapter, conditions=conditions, seed=args.seed, passes=passes,
                    pass_config=args.pass_config or {}, dtype=args.dtype, out=args.out, compare=args.compare,
+                   report=args.report,
                    sources=ImageSources(config=args.config, checkpoint=args.checkpoint, vae=args.vae,
                                         text_encoder=args.text_encoder, device=args.device, seed=args.seed),
                    settings=SamplingSettings(h_div_w=args.h_div_w, pn=args.pn, cfg=args.cfg, tau=args.tau))
@@ -216,6 +217,8 @@ def _generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--compare", action="store_true", help="also run the unaccelerated model with the same "
                                                                "seeds: side-by-side pictures, PSNR and SSIM")
+    parser.add_argument("--report", help="also write the graph diff report (.html/.md/.json) of the last image, "
+                                         "with its keep masks drawn over it")
 
 
 def _fail(message: str) -> int:

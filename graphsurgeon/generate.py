@@ -21,10 +21,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .adapters import ModelAdapter, get_adapter
-from .cli_checks import check_dir_target
+from .cli_checks import check_dir_target, check_file_target
 from .errors import ConfigError
 from .images import ImagePipeline, ImageSources, SamplingSettings, image_seeds, psnr, side_by_side, ssim, write_png
 from .runner import GuidanceRule, ScaleRunner
+
+
+REPORT_SUFFIXES = (".html", ".md", ".json")
 
 
 class GenerateJob(BaseModel):
@@ -42,6 +45,8 @@ class GenerateJob(BaseModel):
     dtype: str = "float32"
     out: Path
     compare: bool = False
+    report: Optional[Path] = Field(None, description="graph diff report of the last image rank 0 made "
+                                                     "(.html/.md/.json), its keep masks drawn over that image")
 
     @field_validator("conditions")
     @classmethod
@@ -77,6 +82,7 @@ class _Plan:
     adapter: ModelAdapter
     dtype: torch.dtype
     out: Path
+    report: Optional[Path]
 
 
 def check_job(job: GenerateJob) -> _Plan:
@@ -90,7 +96,8 @@ def check_job(job: GenerateJob) -> _Plan:
     if not isinstance(dtype, torch.dtype):
         raise ConfigError(f"--dtype {job.dtype!r} is not a torch dtype (float32, bfloat16)")
     adapter.check_sources(job.sources, job.conditions)
-    return _Plan(adapter=adapter, dtype=dtype, out=check_dir_target(job.out))
+    report = check_file_target(job.report, "--report", REPORT_SUFFIXES) if job.report is not None else None
+    return _Plan(adapter=adapter, dtype=dtype, out=check_dir_target(job.out), report=report)
 
 
 class _Progress:
@@ -194,9 +201,15 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] = print) -> dict[s
     seeds = image_seeds(job.seed, len(job.conditions))
     mine = [i for i in range(len(job.conditions)) if i % world == rank]
     progress = _Progress(len(mine), rank)
-    records = []
+    records, last_image = [], None
     for i in mine:
-        records.append(_one_image(job, plan, pipeline, fast, context, i, seeds[i], progress))
+        record, last_image = _one_image(job, plan, pipeline, fast, context, i, seeds[i], progress)
+        records.append(record)
+    if plan.report is not None and rank == 0:
+        from .report import DiffReport, build_report
+
+        DiffReport(build_report(fast, fast.last_flops, images=last_image[None])).write(plan.report)
+        log(f"graph diff report (image {mine[-1]}): {plan.report}")
     everything = sorted(_gather(records, world), key=lambda r: r["index"])
     manifest = _manifest(job, plan, pipeline, world, everything)
     if rank == 0:
@@ -211,8 +224,9 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] = print) -> dict[s
 
 
 def _one_image(job: GenerateJob, plan: _Plan, pipeline: ImagePipeline, fast: Any, context: Callable, index: int,
-               seed: int, progress: _Progress) -> dict[str, Any]:
-    """Generate image ``index`` (optimized; with ``compare`` also the baseline) and write its files."""
+               seed: int, progress: _Progress) -> tuple[dict[str, Any], torch.Tensor]:
+    """Generate image ``index`` (optimized; with ``compare`` also the baseline) and write its files; returns its
+    manifest record and the optimized image."""
     condition = job.conditions[index]
     kwargs = pipeline.sampler_args(condition, seed, job.settings)
     step = progress.image(f"image {index}")
@@ -239,7 +253,7 @@ def _one_image(job: GenerateJob, plan: _Plan, pipeline: ImagePipeline, fast: Any
         message += (f", baseline {record['baseline_seconds']:.2f} s, PSNR {record['psnr_db'] if record['psnr_db'] is not None else 'inf'}"
                     f" dB, SSIM {record['ssim']:.4f}")
     step.done(message)
-    return record
+    return record, image
 
 
 def _distance(reference: torch.Tensor, image: torch.Tensor) -> dict[str, Any]:

@@ -113,3 +113,11 @@ def test_torchrun_shards_give_the_images_of_one_process(tmp_path):
     assert "[rank 1] image 1" in sharded.stderr  # rank 1 made image 1; rank 0 images 0 and 2
     for name in ("0000.png", "0001.png", "0002.png"):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+
+
+def test_the_report_draws_the_keep_masks_over_the_generated_image(tmp_path):
+    out, report = tmp_path / "out", tmp_path / "report.html"
+    assert main([*VAR, "--prompt", "4", "--report", str(report), "--out", str(out)]) == 0
+    html = report.read_text()
+    assert html.count('class="keep-mask"') == 3 and 'class="decoded"' in html  # LHEP's 3 scales, over the image
+    assert main([*VAR, "--prompt", "4", "--report", str(tmp_path / "report.txt"), "--out", str(out)]) == 2
