@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
+	$(BIN)/graphsurgeon generate --config infinity-tiny --pn 0.25M --prompt "a red apple" --prompt "a blue bird" \
+		--passes lhep,sats --compare --report out/demo_images/report.html --out out/demo_images
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

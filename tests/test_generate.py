@@ -121,3 +121,48 @@ def test_the_report_draws_the_keep_masks_over_the_generated_image(tmp_path):
     html = report.read_text()
     assert html.count('class="keep-mask"') == 3 and 'class="decoded"' in html  # LHEP's 3 scales, over the image
     assert main([*VAR, "--prompt", "4", "--report", str(tmp_path / "report.txt"), "--out", str(out)]) == 2
+
+
+def test_infinity_prompt_to_png_of_the_schedules_size(tmp_path, capsys):
+    """The issue's command: a random tiny Infinity, a random text encoder and decoder (said), a 1024 px PNG at 1M."""
+    out = tmp_path / "out"
+    assert main(["generate", "--config", "infinity-tiny", "--prompt", "a red apple", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "random text encoder" in printed and "random decoder" in printed and "random weights" in printed
+    assert Image.open(out / "0000.png").size == (1024, 1024)  # 64x64 codes of the 1:1 1M schedule, 16 px each
+    assert json.loads((out / "manifest.json").read_text())["images"][0]["condition"] == "a red apple"
+
+
+def test_infinity_with_passes_and_comparison(tmp_path):
+    out = tmp_path / "out"
+    assert main(["generate", "--config", "infinity-tiny", "--pn", "0.06M", "--h-div-w", "1.0", "--prompt", "a red apple",
+                 "--prompt", "a blue bird", "--passes", "lhep,sats", "--compare", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [r["seed"] for r in manifest["images"]] == [0, 1]
+    for record in manifest["images"]:
+        assert Image.open(out / record["file"]).size == (256, 256)
+        assert record["ssim"] <= 1 and record["stats"][-1]["work_vs_baseline"] < 1
+    without = tmp_path / "plain"
+    assert main(["generate", "--config", "infinity-tiny", "--pn", "0.06M", "--prompt", "a red apple", "--compare",
+                 "--out", str(without)]) == 0
+    assert json.loads((without / "manifest.json").read_text())["images"][0]["identical"]
+
+
+def test_a_vae_that_does_not_fit_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    from model_adapters.infinity import InfinityAdapter, build_infinity_vae
+
+    def refuse(*_, **__):
+        raise AssertionError("a model was loaded although the VAE does not fit")
+
+    monkeypatch.setattr(InfinityAdapter, "image_pipeline", refuse)
+    small_d14 = dict(codebook_dim=14, patch_size=8, ch_mult=(1, 1, 1, 1), base_ch=24, num_res_blocks=1)
+    path = tmp_path / "vae.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in build_infinity_vae(small_d14, seed=0).state_dict().items()}, path)
+    assert main(["generate", "--config", "infinity-tiny", "--prompt", "x", "--vae", str(path),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "14" in err and "32" in err
+    assert main(["generate", "--prompt", "x", "--text-encoder", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "nope" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from .config import InfinityConfig, resolve_config
 from .schedules import get_scale_schedule
 from .text_encoder import (TextEncoder, check_text_encoder_folder, encode_prompts, load_text_encoder,
                            random_text_encoder)
-from .vae import build_infinity_vae, decode_to_images, load_infinity_vae, vae_codebook_dim
+from .vae import build_infinity_vae, check_vae_fits, decode_to_images, load_infinity_vae, vae_config_from_checkpoint
 
 SAMPLING_DEFAULTS = dict(cfg=3.0, tau=0.5, top_k=900, top_p=0.97)
 """The official inference's settings (tools/run_infinity.py)."""
@@ -33,17 +33,19 @@ def model_config(sources: ImageSources) -> InfinityConfig:
 
 
 def check_sources(sources: ImageSources) -> None:
-    """The files exist and fit: the VAE's codebook_dim is the transformer's, the text folder holds an encoder."""
+    """The files exist and fit: the VAE's codebook_dim and patch size suit the transformer (read from the
+    checkpoint's key shapes only), the text folder holds an encoder."""
     config = model_config(sources)
     if sources.checkpoint is not None and not Path(sources.checkpoint).exists():
         raise ConfigError(f"--checkpoint {sources.checkpoint}: no such file or folder")
     if sources.vae is not None:
         if not Path(sources.vae).is_file():
             raise ConfigError(f"--vae {sources.vae}: no such file")
-        found = vae_codebook_dim(sources.vae)
-        if found != config.codebook_dim:
-            raise ConfigError(f"--vae {sources.vae} has codebook_dim {found}, but the transformer "
-                              f"({sources.config or 'infinity-tiny'}) predicts {config.codebook_dim} bits per position")
+        try:
+            check_vae_fits(vae_config_from_checkpoint(sources.vae), config.codebook_dim,
+                           bool(config.apply_spatial_patchify))
+        except ConfigError as err:
+            raise ConfigError(f"--vae {sources.vae} ({sources.config or 'infinity-tiny'}): {err}") from None
     if sources.text_encoder is not None:
         check_text_encoder_folder(sources.text_encoder)
 
