@@ -17,6 +17,7 @@ import torch
 
 from .capture import CapturePlan
 from .errors import ConfigError
+from .fidelity import OutputView
 from .images import ImagePipeline, ImageSources
 from .runner import ScaleRunner
 
@@ -89,6 +90,16 @@ class ModelAdapter(abc.ABC):
     def generate(self, model: Any, scale_runner: Optional[ScaleRunner] = None, **generate_kwargs: Any) -> Any:
         """The baseline as users call it: validate, then sample."""
         return self.sample(model, self.validate(model, **generate_kwargs), scale_runner)
+
+    def output_view(self, output: Any) -> OutputView:
+        """The drawn values, the final latent and (when returned) the guided logits of a sampler output, for
+        ``graphsurgeon compare``. Default: the family is not comparable."""
+        raise ConfigError(f"adapter {self.name!r} does not expose its outputs for comparison (no output_view)")
+
+    def forced_args(self, generate_kwargs: dict[str, Any], reference: OutputView) -> dict[str, Any]:
+        """``generate_kwargs`` forcing every scale to ``reference``'s drawn values and returning the guided logits
+        (teacher forcing). Default: the family is not comparable."""
+        raise ConfigError(f"adapter {self.name!r} has no teacher forcing for comparison (no forced_args)")
 
     def check_sources(self, sources: ImageSources, conditions: list[str]) -> None:
         """Check the user's files and conditions for ``graphsurgeon generate`` (files exist and fit each other,

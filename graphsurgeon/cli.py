@@ -150,6 +150,13 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare(args: argparse.Namespace) -> int:
+    from .compare import run_and_write
+
+    run_and_write(args)
+    return 0
+
+
 def bench(args: argparse.Namespace) -> int:
     from .bench import run_and_write
 
@@ -188,6 +195,12 @@ def _parser() -> argparse.ArgumentParser:
                                                      "writes JSON and Markdown")
     add_arguments(bench_parser)
     bench_parser.set_defaults(run=bench)
+    from .compare import add_arguments as compare_arguments
+
+    compare_parser = commands.add_parser("compare", help="several methods on one model and the same inputs: latency, "
+                                                         "FLOPs, tokens, fidelity to the unaccelerated model")
+    compare_arguments(compare_parser)
+    compare_parser.set_defaults(run=compare)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -128,7 +129,8 @@ def order_passes(passes: Sequence[GraphPass]) -> list[GraphPass]:
 
 
 _REGISTRY: dict[str, type[GraphPass]] = {}
-_BUILTIN_MODULES = ("passes.lhep", "passes.sats")
+_PASS_PACKAGE = "passes"
+"""Every module of this package is a pass module (one pass each); they register themselves on import."""
 
 
 def register_pass(cls: type[GraphPass]) -> type[GraphPass]:
@@ -137,8 +139,10 @@ def register_pass(cls: type[GraphPass]) -> type[GraphPass]:
 
 
 def available_passes() -> list[str]:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
+    package = importlib.import_module(_PASS_PACKAGE)
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{_PASS_PACKAGE}.{info.name}")
     return sorted(_REGISTRY)
 
 

@@ -14,6 +14,7 @@ import torch
 from graphsurgeon.adapters import ModelAdapter
 from graphsurgeon.capture import CapturePlan, ScaleSpec, StateSlot
 from graphsurgeon.errors import ConfigError
+from graphsurgeon.fidelity import OutputView
 from graphsurgeon.images import ImagePipeline, ImageSources
 from graphsurgeon.runner import ScaleRunner
 
@@ -81,6 +82,15 @@ class InfinityAdapter(ModelAdapter):
         for block in model.unregistered_blocks:
             block.bfloat16()
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+
+    # -- comparison (graphsurgeon compare) ----------------------------------------------------------------------
+    def output_view(self, output: GenerationOutput) -> OutputView:
+        """Bits per scale, the summed codes (B, d, H, W), and the guided logits as (B, positions x bits, 2)."""
+        choices = None if output.logits is None else [l.reshape(l.shape[0], -1, 2) for l in output.logits]
+        return OutputView(drawn=output.bits, latent=output.summed_codes.squeeze(-3), choices=choices)
+
+    def forced_args(self, generate_kwargs: dict[str, Any], reference: OutputView) -> dict[str, Any]:
+        return {**generate_kwargs, "force_bits": reference.drawn, "return_logits": True}
 
     # -- images (graphsurgeon generate): prompt -> T5 features -> transformer -> BSQ-VAE ------------------------
     def check_sources(self, sources: ImageSources, conditions: list[str]) -> None:

@@ -14,6 +14,7 @@ import torch
 from graphsurgeon.adapters import ModelAdapter
 from graphsurgeon.capture import CapturePlan, ScaleSpec, StateSlot
 from graphsurgeon.errors import InputError
+from graphsurgeon.fidelity import OutputView
 from graphsurgeon.images import ImagePipeline, ImageSources
 from graphsurgeon.runner import ScaleRunner
 
@@ -63,6 +64,13 @@ class VARAdapter(ModelAdapter):
 
     def sample(self, model: Any, call: VARCall, scale_runner: Optional[ScaleRunner] = None) -> VAROutput:
         return generate_checked(model, call.vae, call.args, scale_runner)
+
+    def output_view(self, output: VAROutput) -> OutputView:
+        """Indices per scale, f_hat, and the guided logits over the codebook."""
+        return OutputView(drawn=output.indices, latent=output.f_hat, choices=output.logits)
+
+    def forced_args(self, generate_kwargs: dict[str, Any], reference: OutputView) -> dict[str, Any]:
+        return {**generate_kwargs, "force_indices": reference.drawn, "return_logits": True}
 
     def check_sources(self, sources: ImageSources, conditions: list[str]) -> None:
         from .pipeline import check_sources

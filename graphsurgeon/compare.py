@@ -1,0 +1,136 @@
+"""`graphsurgeon compare`: several acceleration methods on one model, one schedule, the same inputs and seeds.
+
+Per method (a pass set such as ``lhep+sats``): latency per image side by side with the baseline (warm-up,
+round-robin repeats), FLOPs and token-rows per scale (the benchmark runner, graphsurgeon.bench), and the distance
+to the unaccelerated model (graphsurgeon.fidelity): teacher-forced per-scale logit error and choice agreement,
+free-running latent PSNR/SSIM. One JSON and one Markdown table. With random weights the figures show cost and
+distance to the unaccelerated model, never image quality; the output says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from .bench.runner import BASELINE, run_benchmark
+from .bench.spec import make_spec, passes_of
+from .cli_checks import check_file_target
+from .errors import ConfigError
+
+RANDOM_WEIGHTS_NOTE = ("Random weights: these figures show what each method costs and how far it moves the output "
+                       "from the unaccelerated model; they say nothing about image quality.")
+
+
+def run_compare(adapter_name: str, config: str, methods: list[str], method_config: Optional[dict[str, dict]] = None,
+                h_div_w: float = 1.0, pn: str = "1M", batch: int = 1, device: str = "cpu", dtype: str = "float32",
+                warmup: int = 1, repeats: int = 3, seed: int = 0, flops: bool = True, log=print) -> dict[str, Any]:
+    """Benchmark ``methods`` side by side, then measure each one's fidelity; returns the result (JSON-ready)."""
+    from .adapters import ModelAdapter, get_adapter
+    from .api import optimize
+    from .fidelity import fidelity
+
+    if not methods:
+        raise ConfigError("--methods: give at least one method (pass names joined by '+', comma-separated)")
+    method_config = method_config or {}
+    spec = make_spec(adapter=adapter_name, config=config, h_div_w=h_div_w, pn=pn, batch=batch, device=device,
+                     dtype=dtype, pass_sets=tuple(methods), pass_config=method_config, warmup=warmup,
+                     repeats=repeats, seed=seed, flops=flops, inserted_timing=False)
+    adapter = get_adapter(adapter_name)
+    if type(adapter).output_view is ModelAdapter.output_view or type(adapter).forced_args is ModelAdapter.forced_args:
+        raise ConfigError(f"adapter {adapter_name!r} does not implement output_view/forced_args: it cannot be "
+                          "compared (before any run)")
+    result = run_benchmark(spec, log=log)
+    model = adapter.build_model(config, device=device, seed=seed)
+    kwargs = adapter.benchmark_args(model, batch_size=batch, h_div_w=h_div_w, pn=pn, seed=seed)
+    result["kind"] = "graphsurgeon.compare"
+    result["note"] = RANDOM_WEIGHTS_NOTE
+    result["fidelity"] = {}
+    for method in methods:
+        passes = passes_of(method)
+        settings = {name: method_config[name] for name in passes if name in method_config}
+        fast = optimize(model, adapter=adapter, passes=passes, config=settings or None)
+        result["fidelity"][method] = fidelity(adapter, model, fast, kwargs)
+        log(f"{method}: fidelity measured")
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The comparison table (one row per method, the baseline first) and the note on random weights."""
+    spec, variants, fid = result["spec"], result["variants"], result["fidelity"]
+    lines = [f"### compare: {spec['adapter']} {spec['config']}, pn {spec['pn']}, batch {spec['batch']}, "
+             f"{spec['dtype']} on {spec['device']}", "", f"_{result['note']}_", "",
+             f"- {spec['warmup']} warm-up + {spec['repeats']} timed runs per method, round-robin; seed {spec['seed']}; "
+             f"machine: {result['machine'].get('gpu') or result['machine']['cpu']}, torch {result['machine']['torch']}",
+             "- teacher-forced: every scale forced to the baseline's drawn values; logit error = relative L2 of the "
+             "guided logits, agreement = same most likely choice; both averaged over the last 3 scales",
+             "- free-running: the method samples on its own; PSNR/SSIM of the final latent (peak = the baseline "
+             "latent's value range)", "",
+             "| method | s/image | speed-up | GFLOP | FLOPs vs baseline | token-rows (last scale) | TF logit rel-L2 | "
+             "TF agreement | latent PSNR dB | latent SSIM |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    base_flops = variants[BASELINE].get("flops", {}).get("total")
+    for name, v in variants.items():
+        flops = v.get("flops", {}).get("total")
+        row = [name, f"{v['time_per_image_s']['median']:.3f}", f"{v['speedup_vs_baseline']:.2f}x",
+               _num(flops and flops / 1e9, ".1f"), _num(flops and base_flops and flops / base_flops, ".3f"),
+               str(v["tokens_per_scale"][-1])]
+        f = fid.get(name)
+        if f is None:
+            row += ["0 (itself)", "1.000", "identical", "1.000"]
+        else:
+            tf, free = f["teacher_forced"], f["free_running"]
+            psnr = free["latent_psnr_db"]
+            row += [f"{_mean_last(tf['logit_rel_l2']):.2e}", f"{_mean_last(tf['choice_agreement']):.3f}",
+                    "identical" if psnr is None else f"{psnr:.2f}", f"{free['latent_ssim']:.3f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _mean_last(values: list[float], count: int = 3) -> float:
+    tail = values[-count:]
+    return sum(tail) / len(tail)
+
+
+def _num(value: Optional[float], fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .bench import json_object
+
+    parser.add_argument("--adapter", default="infinity")
+    parser.add_argument("--config", help="named model config, random weights (default: the adapter's default_config)")
+    parser.add_argument("--h-div-w", type=float, default=1.0)
+    parser.add_argument("--pn", default="1M", help="pixel preset of the schedule")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--methods", default="lhep+sats", help="comma-separated methods: pass names joined by '+'")
+    parser.add_argument("--method-config", type=json_object, default={},
+                        help='pass settings by pass name, for every method using the pass: \'{"lhep": {"rho": 0.5}}\'')
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting runs")
+    parser.add_argument("--out", default="out/compare", help="writes <out>.json and <out>.md")
+
+
+def run_and_write(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the output paths, run, print the table, write the files."""
+    from .adapters import get_adapter
+
+    out = Path(args.out)
+    if out.suffix in (".json", ".md") or out.name in ("", "..", "."):
+        raise ConfigError(f"--out {args.out!r}: give a stem such as out/compare; <out>.json and <out>.md are written")
+    json_path, md_path = (check_file_target(out.with_suffix(suffix)) for suffix in (".json", ".md"))
+    config = args.config or get_adapter(args.adapter).default_config
+    result = run_compare(args.adapter, config, [m for m in args.methods.split(",") if m], args.method_config,
+                         h_div_w=args.h_div_w, pn=args.pn, batch=args.batch, device=args.device, dtype=args.dtype,
+                         warmup=args.warmup, repeats=args.repeats, seed=args.seed, flops=not args.no_flops)
+    table = markdown(result)
+    print(table)
+    json_path.write_text(json.dumps(result, indent=2, default=str))
+    md_path.write_text(table)
+    print(f"wrote {json_path} and {md_path}")
+    return result

@@ -1,0 +1,81 @@
+"""Distance of an accelerated run to the unaccelerated one, for `graphsurgeon compare`.
+
+Two views, both against the baseline sampler with the same arguments and seed:
+- teacher-forced: every scale is forced to the baseline's drawn values, so each scale's guided logits are
+  compared on the same history (per scale: relative L2 error, and agreement of the most likely choice);
+- free-running: the method samples on its own; its final latent is compared with the baseline's (PSNR, SSIM).
+An adapter exposes its outputs through :class:`OutputView` and its teacher forcing through
+``ModelAdapter.forced_args``; the core knows neither bits nor code indices.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class OutputView:
+    """What fidelity needs of a sampler's output."""
+
+    drawn: list[torch.Tensor]
+    """Per scale, the drawn values as the sampler takes them for teacher forcing."""
+    latent: torch.Tensor
+    """The final latent the decoder reads, (B, C, H, W)."""
+    choices: Optional[list[torch.Tensor]] = None
+    """Per scale, guided logits with the categorical choice last, (B, N, V) (present when logits were returned)."""
+
+
+def logit_errors(reference: list[torch.Tensor], other: list[torch.Tensor]) -> list[float]:
+    """Per scale, ||other - reference|| / ||reference|| over every logit."""
+    return [((o.double() - r.double()).norm() / r.double().norm().clamp_min(1e-30)).item()
+            for r, o in zip(reference, other)]
+
+
+def choice_agreement(reference: list[torch.Tensor], other: list[torch.Tensor]) -> list[float]:
+    """Per scale, the fraction of positions whose most likely choice is the same."""
+    return [(r.argmax(-1) == o.argmax(-1)).double().mean().item() for r, o in zip(reference, other)]
+
+
+def latent_psnr(reference: torch.Tensor, other: torch.Tensor) -> Optional[float]:
+    """PSNR in dB with the reference latent's value range as the peak; None when equal."""
+    mse = (other.double() - reference.double()).pow(2).mean().item()
+    if mse == 0:
+        return None
+    peak = (reference.max() - reference.min()).double().item()
+    return 10 * math.log10(peak ** 2 / mse)
+
+
+def latent_ssim(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """SSIM over the latent's channels (Gaussian 11x11, sigma 1.5 where the map is that large, else the whole map
+    as one window), the constants scaled to the reference's value range."""
+    x, y = reference.double().flatten(0, 1)[:, None], other.double().flatten(0, 1)[:, None]
+    size = min(11, x.shape[-1], x.shape[-2])
+    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-coords.pow(2) / (2 * 1.5 ** 2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
+    peak = (reference.max() - reference.min()).double().item() or 1.0
+    c1, c2 = (0.01 * peak) ** 2, (0.03 * peak) ** 2
+    mu_x, mu_y = F.conv2d(x, window), F.conv2d(y, window)
+    var_x = F.conv2d(x * x, window) - mu_x ** 2
+    var_y = F.conv2d(y * y, window) - mu_y ** 2
+    cov = F.conv2d(x * y, window) - mu_x * mu_y
+    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    return index.mean().item()
+
+
+def fidelity(adapter: Any, model: Any, fast: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Teacher-forced logit error and choice agreement per scale, and free-running latent PSNR/SSIM, of ``fast``
+    against ``adapter``'s baseline sampler on ``kwargs``."""
+    baseline = adapter.output_view(adapter.generate(model, **kwargs))
+    free = adapter.output_view(fast.generate(**kwargs))
+    forced = adapter.forced_args(kwargs, baseline)
+    reference = adapter.output_view(adapter.generate(model, **forced)).choices
+    teacher = adapter.output_view(fast.generate(**forced)).choices
+    return {"teacher_forced": {"logit_rel_l2": logit_errors(reference, teacher),
+                               "choice_agreement": choice_agreement(reference, teacher)},
+            "free_running": {"latent_psnr_db": latent_psnr(baseline.latent, free.latent),
+                             "latent_ssim": latent_ssim(baseline.latent, free.latent)}}
