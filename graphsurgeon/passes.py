@@ -83,6 +83,10 @@ class GraphPass(abc.ABC):
     Config: ClassVar[type[PassConfig]]
     runs_before: ClassVar[tuple[str, ...]] = ()
     """Passes that must run after this one when both are enabled (e.g. a row guard before a token gather)."""
+    provides: ClassVar[tuple[str, ...]] = ()
+    """What the pass takes over in a scale graph, each at most once per pass set: "token_selection" (which tokens
+    of a scale are computed), "row_selection" (which batch rows run), "attention_pattern" (which keys each query
+    attends to). Two enabled passes providing the same thing are refused before capture, naming both."""
 
     def __init__(self, config: PassConfig):
         self.config = config
@@ -146,6 +150,17 @@ def available_passes() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _check_composition(names: Sequence[str]) -> None:
+    """Refuse pass sets where two passes provide the same thing (they would both rewrite it)."""
+    owner: dict[str, str] = {}
+    for name in names:
+        for capability in _REGISTRY[name].provides:
+            if capability in owner:
+                raise ConfigError(f"passes {owner[capability]!r} and {name!r} cannot be combined: both provide "
+                                  f"{capability!r} (each decides it in its own way)")
+            owner[capability] = name
+
+
 def resolve_passes(names: Sequence[str], config: Optional[dict[str, Any]] = None) -> list[GraphPass]:
     """Pass instances for ``names`` with their settings from ``config`` (dict by pass name, or config objects)."""
     known = available_passes()
@@ -154,6 +169,7 @@ def resolve_passes(names: Sequence[str], config: Optional[dict[str, Any]] = None
         raise ConfigError(f"unknown pass(es) {unknown}; available: {known}")
     if len(set(names)) != len(names):
         raise ConfigError(f"a pass is listed twice in {list(names)}")
+    _check_composition(names)
     config = dict(config or {})
     extra = sorted(set(config) - set(names))
     if extra:

@@ -122,6 +122,7 @@ class LHEP(GraphPass):
 
     name: ClassVar[str] = "lhep"
     Config: ClassVar[type[PassConfig]] = LHEPConfig
+    provides: ClassVar[tuple[str, ...]] = ("token_selection",)
 
     def mask(self, previous_residual: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Kept tokens (B, h*w) of a scale with token grid ``grid`` given R_{k-1} (B, C, h', w')."""

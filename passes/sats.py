@@ -97,6 +97,7 @@ class SATS(GraphPass):
     name: ClassVar[str] = "sats"
     Config: ClassVar[type[PassConfig]] = SATSConfig
     runs_before: ClassVar[tuple[str, ...]] = ("lhep",)  # LHEP gathers from the rows the guard lets through
+    provides: ClassVar[tuple[str, ...]] = ("row_selection",)
 
     def requires(self, captured) -> None:
         """CFG on a doubled batch, and on every guarded scale: the per-row inputs, the logits, and state whose

@@ -97,3 +97,24 @@ def test_order_comes_from_declared_constraints():
 
     with pytest.raises(ConfigError, match="cycle"):
         order_passes([First(PassConfig()), Second(PassConfig())])
+
+
+def test_two_passes_providing_the_same_thing_are_refused_before_capture():
+    class OtherSelection(GraphPass):
+        name: ClassVar[str] = "other_selection"
+        Config = PassConfig
+        provides: ClassVar[tuple[str, ...]] = ("token_selection",)
+
+        def rewrite(self, captured):
+            return []
+
+    from graphsurgeon.passes import _REGISTRY, register_pass
+
+    register_pass(OtherSelection)
+    try:
+        with pytest.raises(ConfigError, match="'lhep' and 'other_selection' cannot be combined: both provide "
+                                              "'token_selection'"):
+            resolve_passes(["lhep", "sats", "other_selection"])
+        assert [p.name for p in resolve_passes(["sats", "other_selection"])] == ["sats", "other_selection"]
+    finally:
+        _REGISTRY.pop("other_selection")
