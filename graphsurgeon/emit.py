@@ -150,6 +150,14 @@ def _rows(captured: CapturedModel) -> int:
     return token_input.meta["val"].shape[0]
 
 
+def _entries_with(per_pass: dict[str, list[dict]], key: str) -> dict[int, dict]:
+    """By scale, the stats entries of the pass whose entries carry ``key`` (kept tokens, or rows that ran)."""
+    for entries in per_pass.values():
+        if entries and key in entries[0]:
+            return {entry["scale"]: entry for entry in entries}
+    return {}
+
+
 def _summary(captured: CapturedModel, per_pass: dict[str, list[dict]]) -> list[dict]:
     """Per scale: the token-rows computed, split into kept tokens and padding (LHEP pads every running row to the
     widest sample's kept count), against the baseline's; per sample what it kept.
@@ -158,18 +166,18 @@ def _summary(captured: CapturedModel, per_pass: dict[str, list[dict]]) -> list[d
     would compute, the FLOP ideal. A running row is every conditional row plus each unconditional row SATS
     still runs; without CFG, one row per sample.
     """
-    lhep = {s["scale"]: s for s in per_pass.get("lhep", [])}
-    sats = {s["scale"]: s for s in per_pass.get("sats", [])}
+    selected = _entries_with(per_pass, "kept")  # the token-selecting pass (at most one: passes declare `provides`)
+    guarded = _entries_with(per_pass, "uncond_ran")  # the row-selecting pass
     batch = captured.plan.cfg_batch
     rows = _rows(captured)
     samples = batch or rows
     summary = []
     ran = {entry["scale"] for entries in per_pass.values() for entry in entries}  # ``num_scales`` may stop early
     for scale in (s for s in captured.scales if s.index in ran):
-        pruned = lhep.get(scale.index, {})
+        pruned = selected.get(scale.index, {})
         kept = pruned.get("kept") or [scale.tokens] * samples
         width = pruned.get("width") or max(kept)  # the padded token count every running row computes
-        guard = sats.get(scale.index, {})
+        guard = guarded.get(scale.index, {})
         uncond = guard.get("uncond_ran", [batch is not None] * samples)
         sample_rows = [1 + int(u) for u in uncond]
         kept_rows = sum(k * r for k, r in zip(kept, sample_rows))

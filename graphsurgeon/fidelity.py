@@ -5,7 +5,7 @@ Two views, both against the baseline sampler with the same arguments and seed:
   compared on the same history (per scale: relative L2 error, and agreement of the most likely choice);
 - free-running: the method samples on its own; its final latent is compared with the baseline's (PSNR, SSIM).
 An adapter exposes its outputs through :class:`OutputView` and its teacher forcing through
-``ModelAdapter.forced_args``; the core knows neither bits nor code indices.
+``ModelAdapter.forced_args``; the core never knows what the drawn values are.
 """
 from __future__ import annotations
 

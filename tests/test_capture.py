@@ -148,5 +148,5 @@ def test_capture_refuses_writes_into_weights():
 
 
 def test_optimize_rejects_unknown_pass_before_work(tiny):
-    with pytest.raises(ConfigError, match=r"unknown pass\(es\) \['warp-drive'\]; available: \['lhep', 'sats'\]"):
+    with pytest.raises(ConfigError, match=r"unknown pass\(es\) \['warp-drive'\]; available: \[.*'lhep', 'sats'"):
         optimize(tiny, passes=["warp-drive"])

@@ -1,0 +1,328 @@
+"""StepVAR (arXiv 2603.01757): structure- and texture-guided token pruning at the late scales.
+
+The paper gives the method at abstract level only (no code exists); this is the reading used here, with every
+choice it leaves open written down in docs/pass_stepvar.md. At a StepVAR scale k the scale's own input tokens
+(the declared ``token_input``, (rows, tokens, C), row-major on the token grid ``grid[-2:]``) are ranked:
+
+1. texture: the per-token energy of a 3x3 (5-point) Laplacian of the token map, summed over channels
+   (replicate padding, so a constant map has no texture at its border either);
+2. structure: the norm of each token's projection on the top ``components`` principal directions of the
+   sample's centred token features (an eigendecomposition of their C x C scatter matrix). A norm of the
+   projection on the principal subspace does not depend on the sign (or, within a degenerate group of
+   eigenvalues inside that subspace, the basis) that the eigensolver happens to return;
+3. each score divided by its mean over the sample's tokens (a score whose mean is 0 is 0 everywhere), then
+   ``alpha * texture + (1 - alpha) * structure``;
+4. the ``round(keep_ratio * tokens)`` (at least 1) highest scores are kept, equal scores: the earlier position.
+
+Scores come from the conditional row of each sample only (row r belongs to sample r % B), so both CFG rows of a
+sample compute the same tokens. Only kept tokens run through the blocks and enter the KV cache. Every sample
+keeps the same count, so the rows of a batch are equally long: no padding, and nothing in the cache that a later
+attention would have to hide (no key mask, no validity record between scales). At the exit each pruned position takes the logits of its nearest kept token on the grid (Euclidean, ties: the
+lowest position), so the sampler draws a dense map and the residual step runs unchanged.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from pydantic import Field
+
+from graphsurgeon.capture.dynamic import generalize_axis
+from graphsurgeon.capture.token_axes import propagate_axis
+from graphsurgeon.errors import ConfigError
+from graphsurgeon.meta import annotations
+from graphsurgeon.passes import GraphEdit, GraphPass, PassConfig, register_pass
+from graphsurgeon.rewrite import export_form, tag
+from graphsurgeon.runner import PassRuntime
+from passes.lhep import fixed_keep_mask, gather_tokens, select_tokens
+
+PASS = "stepvar"
+_QUERY_BLOCK = 1 << 22
+"""Entries (samples x queries x grid positions) of one block of the nearest-kept search: bounds its memory
+(32 MiB of int64) on large grids, where the full distance table would not fit."""
+
+
+class StepVARConfig(PassConfig):
+    keep_ratio: float = Field(0.6, gt=0.0, le=1.0, description="fraction of each sample's tokens computed "
+                                                                "(1: every token, the unpruned model)")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the texture score; the structure score "
+                                                          "gets 1 - alpha")
+    components: int = Field(3, ge=1, description="principal components of the structure score")
+    scales: Optional[tuple[int, ...]] = Field(None, description="scale indices (negative from the end)")
+    last: int = Field(3, ge=0, description="without `scales`: the last this many scales")
+
+
+# -- scores and the nearest kept token (also what the rewrite inserts) ---------------------------------------
+def texture_scores(maps: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h*w): squared 5-point Laplacian summed over channels. A sum of differences to the
+    four neighbours of a replicate-padded map, not a convolution: equal neighbourhoods give bit-equal energies
+    and a flat one exactly 0 (``4c - c - c - c - c`` can round to something else)."""
+    padded = F.pad(maps, (1, 1, 1, 1), mode="replicate")
+    centre = padded[..., 1:-1, 1:-1]
+    laplacian = ((centre - padded[..., :-2, 1:-1]) + (centre - padded[..., 2:, 1:-1])
+                 + (centre - padded[..., 1:-1, :-2]) + (centre - padded[..., 1:-1, 2:]))
+    return laplacian.pow(2).sum(dim=1).flatten(1)
+
+
+def structure_scores(features: torch.Tensor, components: int) -> torch.Tensor:
+    """(n, C) one sample's tokens -> (n,): norm of each centred token's projection on the top ``components``
+    principal directions (eigenvectors of the C x C scatter matrix with the largest eigenvalues). The features
+    are shifted by the first token before centring (PCA does not see a shift), so a flat map is exactly 0 rather
+    than the rounding of its mean; the product is taken elementwise and summed, not by a matrix product, so
+    equal tokens get bit-equal scores."""
+    shifted = features - features[:1]
+    centred = shifted - shifted.mean(dim=0, keepdim=True)
+    _, vectors = torch.linalg.eigh(centred.T @ centred)  # eigenvalues ascending
+    top = vectors[:, -min(components, vectors.shape[1]):]
+    projection = (centred[:, :, None] * top[None]).sum(dim=1)
+    return projection.pow(2).sum(dim=1).sqrt()
+
+
+def _per_mean(score: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its mean (a row whose mean is 0 is all zeros and stays so)."""
+    mean = score.mean(dim=-1, keepdim=True)
+    return torch.where(mean > 0, score / mean.clamp_min(torch.finfo(score.dtype).tiny), torch.zeros_like(score))
+
+
+def stepvar_scores(tokens: torch.Tensor, batch: int, grid: tuple[int, int], alpha: float, components: int
+                   ) -> torch.Tensor:
+    """(rows, h*w, C) token input -> (batch, h*w) importance of each sample's tokens, from its conditional row
+    (rows [0:batch]). In float32 at least (half-precision inputs would round the scatter matrix), not float64,
+    which many GPUs run at a small fraction of the speed; one sample at a time, so that a sample's scores are
+    computed by the same operations whatever the other samples of its batch."""
+    features = tokens[:batch].to(torch.promote_types(tokens.dtype, torch.float32))
+    maps = features.transpose(1, 2).reshape(batch, features.shape[-1], *grid)
+    texture = _per_mean(texture_scores(maps))
+    structure = _per_mean(torch.stack([structure_scores(features[b], components) for b in range(batch)]))
+    return alpha * texture + (1 - alpha) * structure
+
+
+def nearest_kept(keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, h*w) kept flags -> (B, h*w) the position of each token's nearest kept token on the grid (itself
+    when kept): least squared Euclidean distance, then the lowest position. Exact search over blocks of query
+    positions (the key ``distance * n + position`` orders by both at once)."""
+    height, width = grid
+    n = height * width
+    position = torch.arange(n, device=keep.device)
+    row, column = position // width, position % width
+    unreachable = torch.iinfo(torch.int64).max
+    step = max(1, _QUERY_BLOCK // max(1, keep.shape[0] * n))
+    nearest = []
+    for start in range(0, n, step):
+        query = position[start:start + step]
+        distance = (row[query, None] - row[None, :]).pow(2) + (column[query, None] - column[None, :]).pow(2)
+        key = distance * n + position[None, :]
+        nearest.append(torch.where(keep[:, None, :], key[None], unreachable).amin(dim=-1) % n)
+    return torch.cat(nearest, dim=1)
+
+
+def nearest_kept_logits(logits: torch.Tensor, keep: torch.Tensor, rows: Optional[torch.Tensor], batch: int,
+                        grid: tuple[int, int]) -> torch.Tensor:
+    """(rows, K, ...) logits of each row's kept tokens in ascending position (``select_tokens``' layout) ->
+    (rows, h*w, ...): every position the logits of its nearest kept token (its own when kept), the same
+    positions for both CFG rows of a sample (row r is sample r % batch; ``rows``: the rows that ran, None: all).
+    Unpruned: the logits as they are."""
+    if bool(keep.all()):
+        return logits
+    return nearest_kept_logits_traceable(logits, keep, rows, batch, grid)
+
+
+@export_form(nearest_kept_logits)
+def nearest_kept_logits_traceable(logits: torch.Tensor, keep: torch.Tensor, rows: Optional[torch.Tensor], batch: int,
+                                  grid: tuple[int, int]) -> torch.Tensor:
+    """:func:`nearest_kept_logits` without the data-dependent shortcut."""
+    slot = (keep.long().cumsum(dim=1) - 1).gather(1, nearest_kept(keep, grid))  # its place among the kept tokens
+    samples = (rows if rows is not None else torch.arange(logits.shape[0], device=logits.device)) % batch
+    index = slot.index_select(0, samples).reshape(logits.shape[0], -1, *([1] * (logits.dim() - 2)))
+    return logits.gather(1, index.expand(-1, -1, *logits.shape[2:]))
+
+
+# -- the pass ------------------------------------------------------------------------------------------------
+@register_pass
+class StepVAR(GraphPass):
+    """Scores and gathers the kept tokens at the entry of each StepVAR scale and fills the pruned positions'
+    logits from the nearest kept token at its exit (see the module docstring)."""
+
+    name: ClassVar[str] = PASS
+    Config: ClassVar[type[PassConfig]] = StepVARConfig
+    provides: ClassVar[tuple[str, ...]] = ("token_selection",)
+
+    def requires(self, captured) -> None:
+        """At each StepVAR scale: a (rows, tokens, C) token input on a 2-D token grid, the logits, attention
+        without a mask of its own; and no other pass gathering tokens."""
+        acting = self.scales(len(captured.scales))
+        if not acting:
+            return
+        if 0 in acting:
+            raise ConfigError(f"pass '{PASS}' cannot act on scale 0: its input is the start of the sequence, not a "
+                              "token map to rank")
+        _refuse_other_gathers(captured)
+        for scale in (captured.scales[k] for k in acting):
+            if scale.token_input is None or scale.logits_output is None:
+                raise ConfigError(f"pass '{PASS}': scale {scale.index} declares no token_input / logits_output (the "
+                                  "tokens to rank and gather, the logits to fill back)")
+            if scale.tokens != scale.grid[-2] * scale.grid[-1]:
+                raise ConfigError(f"pass '{PASS}': scale {scale.index} has token grid {tuple(scale.grid)}; the "
+                                  "scores need one 2-D map (leading extents of 1)")
+            value = _placeholder(scale, scale.token_input).meta["val"]
+            if value.dim() != 3 or scale.token_axis != 1 or value.shape[1] != scale.tokens:
+                raise ConfigError(f"pass '{PASS}': scale {scale.index}'s token input {scale.token_input!r} has shape "
+                                  f"{tuple(value.shape)} with token axis {scale.token_axis}; it must be (rows, "
+                                  f"{scale.tokens}, C)")
+            for node in scale.module.graph.nodes:
+                mask = (node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+                        ) if node.target is F.scaled_dot_product_attention else None
+                if mask is not None:
+                    raise ConfigError(f"pass '{PASS}': attention {node.name} of scale {scale.index} has a mask made "
+                                      "for every token of the scale; it would not fit the kept tokens")
+
+    def rewrite(self, captured) -> list[GraphEdit]:
+        acting = self.scales(len(captured.scales))
+        if not acting:
+            return []
+        first = captured.scales[acting[0]]
+        batch = captured.plan.cfg_batch or _placeholder(first, first.token_input).meta["val"].shape[0]
+        return [_rewrite_scale(captured.scales[k], batch, self.config) for k in acting]
+
+    def runtime(self, captured) -> "StepVARRuntime":
+        """Also refuses a graph set that a pass changed after this one in a way it cannot follow: pass order comes
+        from ``runs_before``, which only the pass that must run first can declare, so ``requires`` sees only the
+        passes listed before this one."""
+        acting = self.scales(len(captured.scales))
+        if acting:
+            _refuse_other_gathers(captured)
+            late = _rows_selected_after(captured, acting)
+            if late:
+                raise ConfigError(f"pass '{late}' selects the running rows after '{PASS}' gathered its tokens; list "
+                                  f"'{late}' before '{PASS}' in passes")
+        return StepVARRuntime(captured)
+
+
+def _placeholder(scale, name: str) -> torch.fx.Node:
+    found = next((n for n in scale.module.graph.nodes if n.op == "placeholder" and n.target == name), None)
+    if found is None:
+        raise ConfigError(f"pass '{PASS}': scale {scale.index} has no input {name!r} (its inputs: {scale.input_names})")
+    return found
+
+
+def _refuse_other_gathers(captured) -> None:
+    """Another pass that gathers tokens (any scale: its key masks and records assume it alone shortens the
+    KV cache) cannot be combined with this one."""
+    others = sorted({annotations(n)["pass"] for scale in captured.scales for n in scale.module.graph.nodes
+                     if annotations(n).get("role") == "gather" and annotations(n).get("pass") != PASS})
+    if others:
+        raise ConfigError(f"pass '{PASS}' cannot run with {others}: both choose which tokens of a scale are computed")
+
+
+def _rows_selected_after(captured, acting: tuple[int, ...]) -> Optional[str]:
+    """The pass that made a StepVAR scale select running rows after this pass rewrote it, if any."""
+    for scale in (captured.scales[k] for k in acting):
+        select = next(n for n in scale.module.graph.nodes
+                      if n.target is select_tokens and annotations(n).get("pass") == PASS)
+        if scale.active_rows is not None and select.args[1] is None:
+            active = next(n for n in scale.module.graph.nodes if n.name == scale.active_rows)
+            return annotations(active).get("pass", "another pass")
+    return None
+
+
+def _tag(node: torch.fx.Node, role: str) -> torch.fx.Node:
+    return tag(node, PASS, role)
+
+
+def _rewrite_scale(scale, batch: int, config: StepVARConfig) -> GraphEdit:
+    """Scores -> keep mask -> per-row kept positions -> gathered tokens and side values at the entry; the
+    dense logits at the exit; the keep mask as the extra output ``stepvar_keep``."""
+    module, graph = scale.module, scale.module.graph
+    nodes = {n.name: n for n in graph.nodes}
+    source = _placeholder(scale, scale.token_input)  # every row, whatever a row guard lets through
+    tokens = nodes[scale.aliases.get(scale.token_input, scale.token_input)]
+    active = nodes[scale.active_rows] if scale.active_rows else None
+    grid = tuple(scale.grid[-2:])
+    anchor = tokens if tokens.op != "placeholder" else [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(anchor):
+        scores = _tag(graph.call_function(stepvar_scores, (source, batch, grid, config.alpha, config.components)),
+                      "score")
+    with graph.inserting_after(scores):
+        keep = _tag(graph.call_function(fixed_keep_mask, (scores, config.keep_ratio)), "mask")
+    with graph.inserting_after(keep):
+        selection = _tag(graph.call_function(select_tokens, (keep, active, batch, tokens)), "select")
+    with graph.inserting_after(selection):
+        index = _tag(graph.call_function(operator.getitem, (selection, 0)), "select")
+    with graph.inserting_after(index):
+        valid = _tag(graph.call_function(operator.getitem, (selection, 1)), "select")
+    with graph.inserting_after(valid):
+        gathered = _tag(graph.call_function(gather_tokens, (tokens, index, valid, scale.token_axis, 0)), "gather")
+    tokens.replace_all_uses_with(gathered, delete_user_cb=lambda user: user not in (scores, selection, gathered))
+    gathered.meta.update({k: v for k, v in tokens.meta.items() if k != "graphsurgeon"})
+    annotations(gathered).update({k: v for k, v in annotations(tokens).items() if k.startswith(("token_axis", "row_axis"))})
+    propagate_axis(graph, gathered, 0, tokens.meta["val"].shape[0], key="row_axis")
+    sides = _gather_side_values(scale, graph, index, valid)
+    changed = generalize_axis(module, gathered, scale.token_axis, scale.tokens, key="token_axis",
+                              role="kept_token_count", keep_roles=("token_side_input",))
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    values = list(output.args[0])
+    position = scale.output_names.index(scale.logits_output)
+    with graph.inserting_before(output):
+        dense = _tag(graph.call_function(nearest_kept_logits, (values[position], keep, active, batch, grid)),
+                     "nearest_fill")
+    values[position] = dense
+    n_state = len(scale.state_outputs)
+    output.args = (tuple(values[:len(values) - n_state] + [keep] + values[len(values) - n_state:]),)
+    scale.output_names = scale.output_names + ["stepvar_keep"]
+    graph.lint()
+    module.recompile()
+    added = [scores, keep, selection, index, valid, gathered, *sides, dense]
+    return GraphEdit(PASS, "scale", scale.index, added=tuple(n.name for n in added), generalized=tuple(changed),
+                     rewired=(tokens.name,))
+
+
+def _gather_side_values(scale, graph: torch.fx.Graph, index: torch.fx.Node, valid: torch.fx.Node) -> list[torch.fx.Node]:
+    """Every per-token side value the token-axis analysis found (position tables and the like) gathered with
+    the tokens' indices, per row (its batch dimension read where it meets the gathered tokens)."""
+    nodes = {n.name: n for n in graph.nodes}
+    added, done = [], set()
+    for value_name, axis, meets in scale.side_values:
+        if value_name in done or value_name not in nodes:
+            continue
+        done.add(value_name)
+        value, meet = nodes[value_name], nodes[meets]
+        meet_row = annotations(meet).get("row_axis")
+        if not isinstance(meet_row, int):
+            raise ConfigError(f"pass '{PASS}': scale {scale.index}: cannot tell the batch dimension where side input "
+                              f"{value_name} meets the tokens ({meets})")
+        row_axis = meet_row - (meet.meta["val"].dim() - value.meta["val"].dim())
+        with graph.inserting_after(value):
+            side = _tag(graph.call_function(gather_tokens, (value, index, valid, axis, row_axis)), "gather_side_input")
+        value.replace_all_uses_with(side, delete_user_cb=lambda user: user is not side)
+        added.append(side)
+    return added
+
+
+class StepVARRuntime(PassRuntime):
+    """Records what each scale kept (the graphs need no inputs from it).
+
+    Stats, one entry per scale: ``scale``, ``tokens``, ``kept`` (per sample; None where StepVAR does not act),
+    ``width`` (the count every running row computes: the kept count, the same for every sample), ``grid``
+    ([h, w]) and ``mask``: per sample, h strings of w characters, "1" where the token was kept (row-major), None
+    where StepVAR does not act. The layout of LHEP's stats, so that reports can read either."""
+
+    def __init__(self, captured: Any):
+        super().__init__()
+        self.tokens = [s.tokens for s in captured.scales]
+        self.grids = [tuple(s.grid[-2:]) for s in captured.scales]
+
+    def observe(self, graph, region: str, outputs: dict) -> None:
+        if region != "scale":
+            return
+        keep = outputs.get("stepvar_keep")
+        height, width = self.grids[graph.index]
+        kept = mask = None
+        if keep is not None:
+            kept = keep.sum(dim=1).tolist()
+            codes = (keep.reshape(-1, height, width).to(torch.uint8) + ord("0")).cpu()
+            mask = [[bytes(row.tolist()).decode("ascii") for row in sample] for sample in codes]
+        self.stats.append({"scale": graph.index, "tokens": self.tokens[graph.index], "kept": kept,
+                           "width": max(kept) if kept else None, "grid": [height, width], "mask": mask})
