@@ -123,6 +123,7 @@ class LHEP(GraphPass):
     name: ClassVar[str] = "lhep"
     Config: ClassVar[type[PassConfig]] = LHEPConfig
     provides: ClassVar[tuple[str, ...]] = ("token_selection",)
+    runs_before: ClassVar[tuple[str, ...]] = ("sparvar",)  # it masks the attention LHEP gathered for
 
     def mask(self, previous_residual: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Kept tokens (B, h*w) of a scale with token grid ``grid`` given R_{k-1} (B, C, h', w')."""
