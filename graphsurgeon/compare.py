@@ -66,9 +66,11 @@ def markdown(result: dict[str, Any]) -> str:
              "guided logits, agreement = same most likely choice; both averaged over the last 3 scales",
              "- free-running: the method samples on its own; PSNR/SSIM of the final latent (peak = the baseline "
              "latent's value range)", "",
-             "| method | s/image | speed-up | GFLOP | FLOPs vs baseline | token-rows (last scale) | TF logit rel-L2 | "
-             "TF agreement | latent PSNR dB | latent SSIM |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "- attention entries: (query, key) pairs a sparse-attention method keeps at the last scale, over dense "
+             "(its dense masked reference still computes every pair, so its FLOPs and time do not drop yet)", "",
+             "| method | s/image | speed-up | GFLOP | FLOPs vs baseline | token-rows (last scale) | attention entries "
+             "(last scale) | TF logit rel-L2 | TF agreement | latent PSNR dB | latent SSIM |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     base_flops = variants[BASELINE].get("flops", {}).get("total")
     for name, v in variants.items():
         flops = v.get("flops", {}).get("total")
@@ -76,6 +78,8 @@ def markdown(result: dict[str, Any]) -> str:
                _num(flops and flops / 1e9, ".1f"), _num(flops and base_flops and flops / base_flops, ".3f"),
                str(v["tokens_per_scale"][-1])]
         f = fid.get(name)
+        entries = (f or {}).get("attention_entries_vs_dense")
+        row.append(_num(entries[-1] if entries else 1.0, ".3f"))
         if f is None:
             row += ["0 (itself)", "1.000", "identical", "1.000"]
         else:

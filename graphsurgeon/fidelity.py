@@ -71,11 +71,22 @@ def fidelity(adapter: Any, model: Any, fast: Any, kwargs: dict[str, Any]) -> dic
     """Teacher-forced logit error and choice agreement per scale, and free-running latent PSNR/SSIM, of ``fast``
     against ``adapter``'s baseline sampler on ``kwargs``."""
     baseline = adapter.output_view(adapter.generate(model, **kwargs))
-    free = adapter.output_view(fast.generate(**kwargs))
+    free_output = fast.generate(**kwargs)
+    free = adapter.output_view(free_output)
     forced = adapter.forced_args(kwargs, baseline)
     reference = adapter.output_view(adapter.generate(model, **forced)).choices
     teacher = adapter.output_view(fast.generate(**forced)).choices
     return {"teacher_forced": {"logit_rel_l2": logit_errors(reference, teacher),
                                "choice_agreement": choice_agreement(reference, teacher)},
             "free_running": {"latent_psnr_db": latent_psnr(baseline.latent, free.latent),
-                             "latent_ssim": latent_ssim(baseline.latent, free.latent)}}
+                             "latent_ssim": latent_ssim(baseline.latent, free.latent)},
+            "attention_entries_vs_dense": _attention_entries(free_output.stats or {})}
+
+
+def _attention_entries(stats: dict[str, Any]) -> Optional[list[Optional[float]]]:
+    """Per scale, the attention (query, key) pairs computed over the dense count, from the pass that reports it
+    (a sparse-attention pass: "entries_vs_dense" in its stats); None when no pass does."""
+    for entries in stats.values():
+        if isinstance(entries, list) and entries and "entries_vs_dense" in entries[0]:
+            return [entry["entries_vs_dense"] for entry in entries]
+    return None

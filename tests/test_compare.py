@@ -53,3 +53,11 @@ def test_fidelity_metrics():
 def test_an_unknown_method_fails_before_any_run(tmp_path, capsys):
     assert main(["compare", "--methods", "lhep+nope", "--out", str(tmp_path / "x")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_attention_entries_come_from_the_pass_that_reports_them():
+    from graphsurgeon.fidelity import _attention_entries
+
+    stats = {"lhep": [{"scale": 0, "kept": None}], "sparvar": [{"scale": 0, "entries_vs_dense": None},
+                                                               {"scale": 1, "entries_vs_dense": 0.5}]}
+    assert _attention_entries(stats) == [None, 0.5] and _attention_entries({"lhep": stats["lhep"]}) is None
