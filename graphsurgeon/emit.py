@@ -9,7 +9,7 @@ import torch
 from .adapters import ModelAdapter
 from .capture import CapturedModel, CaptureReport, capture
 from .passes import order_passes
-from .report import snapshot
+from .report import snapshot, stats_entries_with
 from .runner import GraphRunner
 
 
@@ -150,14 +150,6 @@ def _rows(captured: CapturedModel) -> int:
     return token_input.meta["val"].shape[0]
 
 
-def _entries_with(per_pass: dict[str, list[dict]], key: str) -> dict[int, dict]:
-    """By scale, the stats entries of the pass whose entries carry ``key`` (kept tokens, or rows that ran)."""
-    for entries in per_pass.values():
-        if entries and key in entries[0]:
-            return {entry["scale"]: entry for entry in entries}
-    return {}
-
-
 def _summary(captured: CapturedModel, per_pass: dict[str, list[dict]]) -> list[dict]:
     """Per scale: the token-rows computed, split into kept tokens and padding (LHEP pads every running row to the
     widest sample's kept count), against the baseline's; per sample what it kept.
@@ -166,8 +158,8 @@ def _summary(captured: CapturedModel, per_pass: dict[str, list[dict]]) -> list[d
     would compute, the FLOP ideal. A running row is every conditional row plus each unconditional row SATS
     still runs; without CFG, one row per sample.
     """
-    selected = _entries_with(per_pass, "kept")  # the token-selecting pass (at most one: passes declare `provides`)
-    guarded = _entries_with(per_pass, "uncond_ran")  # the row-selecting pass
+    selected = stats_entries_with(per_pass, "kept")  # the token-selecting pass (at most one: passes declare `provides`)
+    guarded = stats_entries_with(per_pass, "uncond_ran")  # the row-selecting pass
     batch = captured.plan.cfg_batch
     rows = _rows(captured)
     samples = batch or rows

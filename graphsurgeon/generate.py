@@ -232,9 +232,9 @@ def _one_image(job: GenerateJob, plan: _Plan, pipeline: ImagePipeline, fast: Any
     step = progress.image(f"image {index}")
     fast.runner_wrappers = [step.wrap]
     start = time.perf_counter()
-    with context():
+    with context():  # decoding too: the official inference decodes in the model's precision (bf16 autocast on GPU)
         output = fast.generate(**kwargs)
-    image = pipeline.images(output)[0]
+        image = pipeline.images(output)[0]
     seconds = time.perf_counter() - start
     record: dict[str, Any] = {"index": index, "condition": condition, "seed": seed, "file": f"{index:04d}.png",
                               "seconds": seconds, "size": list(image.shape[:2]), "stats": _summary(output)}
@@ -245,7 +245,7 @@ def _one_image(job: GenerateJob, plan: _Plan, pipeline: ImagePipeline, fast: Any
         start = time.perf_counter()
         with context():
             baseline = plan.adapter.sample(pipeline.model, args, step.wrap(plan.adapter.baseline_runner(pipeline.model, args)))
-        reference = pipeline.images(baseline)[0]
+            reference = pipeline.images(baseline)[0]
         record.update(baseline_file=f"{index:04d}_baseline.png", compare_file=f"{index:04d}_compare.png",
                       baseline_seconds=time.perf_counter() - start, **_distance(reference, image))
         write_png(reference, plan.out / record["baseline_file"])

@@ -68,6 +68,14 @@ def graph_diff(before: dict[str, tuple[str, ...]], module: torch.fx.GraphModule)
     return {"added": by_pass, "removed": removed, "rewired": rewired, "nodes_before": len(before), "nodes_after": len(after)}
 
 
+def stats_entries_with(per_pass: dict[str, list[dict]], key: str) -> dict[int, dict]:
+    """By scale, the stats entries of the pass whose entries carry ``key`` (kept tokens, or rows that ran)."""
+    for entries in per_pass.values():
+        if isinstance(entries, list) and entries and isinstance(entries[0], dict) and key in entries[0]:
+            return {entry["scale"]: entry for entry in entries}
+    return {}
+
+
 def build_report(fast, flops: Optional[dict[str, Any]] = None, images: Optional[torch.Tensor] = None
                  ) -> dict[str, Any]:
     """The report's data for ``fast``'s current graphs and last ``generate``; ``flops``: a
@@ -76,8 +84,10 @@ def build_report(fast, flops: Optional[dict[str, Any]] = None, images: Optional[
     captured = fast._current()
     snapshots = fast._snapshots[fast._last_key]
     stats = fast.stats
-    kept = {s["scale"]: s["kept"] for s in stats.get("lhep", [])}
-    rows = {s["scale"]: s["rows"] for s in stats.get("sats", [])}
+    selected = list(stats_entries_with(stats, "kept").values())  # the token-selecting pass (LHEP, StepVAR, ...)
+    guarded = list(stats_entries_with(stats, "uncond_ran").values())  # the row-selecting pass (SATS)
+    kept = {s["scale"]: s["kept"] for s in selected}
+    rows = {s["scale"]: s["rows"] for s in guarded}
     scales = []
     for index, scale in enumerate(captured.scales):
         regions = {"scale": graph_diff(snapshots[("scale", index)], scale.module)}
@@ -102,9 +112,9 @@ def build_report(fast, flops: Optional[dict[str, Any]] = None, images: Optional[
     if flops:
         report["flops"] = {"total": flops["total"], "ratio": flops["ratio"]}
     report["lhep_masks"] = [{"scale": s["scale"], "grid": s["grid"], "tokens": s["tokens"], "kept": s["kept"],
-                             "masks": s["mask"]} for s in stats.get("lhep", []) if s.get("mask")]
+                             "masks": s["mask"]} for s in selected if s.get("mask")]
     report["sats_decisions"] = [{key: s[key] for key in ("scale", "uncond_ran", "stopped_after", "delta", "gamma")}
-                                for s in stats.get("sats", [])]
+                                for s in guarded]
     if images is not None:
         report["images"] = _checked_images(images, stats)
     return report

@@ -303,3 +303,12 @@ def test_infinity_neutral_is_bit_identical_and_defaults_keep_the_reference_set(m
     assert [s["kept"] for s in stats][4:] == [[38, 38], [86, 86], [154, 154]]
     for k in (4, 5, 6):  # out.logits are the guided logits
         check_scale(stats[k], seen[k]["inputs"]["tokens"], out.logits[k], seen[k]["outputs"]["logits"], 2)
+
+
+def test_the_diff_report_draws_stepvars_masks(toy, tmp_path):
+    from graphsurgeon.report import DiffReport, build_report
+
+    fast = optimize(toy, adapter=ToyAdapter(), passes=["stepvar"])
+    fast.generate(**toy_kwargs())
+    html = DiffReport(build_report(fast)).html()
+    assert html.count('class="keep-mask"') == 3 * len(toy_kwargs()["labels"])  # its 3 scales, one per sample
