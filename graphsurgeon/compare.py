@@ -24,8 +24,11 @@ RANDOM_WEIGHTS_NOTE = ("Random weights: these figures show what each method cost
 
 def run_compare(adapter_name: str, config: str, methods: list[str], method_config: Optional[dict[str, dict]] = None,
                 h_div_w: float = 1.0, pn: str = "1M", batch: int = 1, device: str = "cpu", dtype: str = "float32",
-                warmup: int = 1, repeats: int = 3, seed: int = 0, flops: bool = True, log=print) -> dict[str, Any]:
-    """Benchmark ``methods`` side by side, then measure each one's fidelity; returns the result (JSON-ready)."""
+                warmup: int = 1, repeats: int = 3, seed: int = 0, flops: bool = True, images: bool = False,
+                log=print) -> dict[str, Any]:
+    """Benchmark ``methods`` side by side, then measure each one's fidelity; returns the result (JSON-ready).
+    ``images``: also decode both runs with the adapter's image pipeline (its decoder; a seeded random one without
+    a checkpoint) and compare the pictures."""
     from .adapters import ModelAdapter, get_adapter
     from .api import optimize
     from .fidelity import fidelity
@@ -40,6 +43,7 @@ def run_compare(adapter_name: str, config: str, methods: list[str], method_confi
     if type(adapter).output_view is ModelAdapter.output_view or type(adapter).forced_args is ModelAdapter.forced_args:
         raise ConfigError(f"adapter {adapter_name!r} does not implement output_view/forced_args: it cannot be "
                           "compared (before any run)")
+    decode = _decoder(adapter, config, device, seed) if images else None
     result = run_benchmark(spec, log=log)
     model = adapter.build_model(config, device=device, seed=seed)
     kwargs = adapter.benchmark_args(model, batch_size=batch, h_div_w=h_div_w, pn=pn, seed=seed)
@@ -50,14 +54,24 @@ def run_compare(adapter_name: str, config: str, methods: list[str], method_confi
         passes = passes_of(method)
         settings = {name: method_config[name] for name in passes if name in method_config}
         fast = optimize(model, adapter=adapter, passes=passes, config=settings or None)
-        result["fidelity"][method] = fidelity(adapter, model, fast, kwargs)
+        result["fidelity"][method] = fidelity(adapter, model, fast, kwargs, decode)
         log(f"{method}: fidelity measured")
     return result
+
+
+def _decoder(adapter: Any, config: str, device: str, seed: int):
+    """The adapter's image decoder for ``config`` (refused before any run when the adapter makes no images)."""
+    from .images import ImageSources
+
+    sources = ImageSources(config=config, device=device, seed=seed)
+    adapter.check_sources(sources, [])
+    return adapter.image_pipeline(sources).images
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The comparison table (one row per method, the baseline first) and the note on random weights."""
     spec, variants, fid = result["spec"], result["variants"], result["fidelity"]
+    with_images = any(f.get("images") for f in fid.values())
     lines = [f"### compare: {spec['adapter']} {spec['config']}, pn {spec['pn']}, batch {spec['batch']}, "
              f"{spec['dtype']} on {spec['device']}", "", f"_{result['note']}_", "",
              f"- {spec['warmup']} warm-up + {spec['repeats']} timed runs per method, round-robin; seed {spec['seed']}; "
@@ -69,8 +83,9 @@ def markdown(result: dict[str, Any]) -> str:
              "- attention entries: (query, key) pairs a sparse-attention method keeps at the last scale, over dense "
              "(its dense masked reference still computes every pair, so its FLOPs and time do not drop yet)", "",
              "| method | s/image | speed-up | GFLOP | FLOPs vs baseline | token-rows (last scale) | attention entries "
-             "(last scale) | TF logit rel-L2 | TF agreement | latent PSNR dB | latent SSIM |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(last scale) | TF logit rel-L2 | TF agreement | latent PSNR dB | latent SSIM |"
+             + (" image PSNR dB | image SSIM |" if with_images else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if with_images else "")]
     base_flops = variants[BASELINE].get("flops", {}).get("total")
     for name, v in variants.items():
         flops = v.get("flops", {}).get("total")
@@ -81,12 +96,15 @@ def markdown(result: dict[str, Any]) -> str:
         entries = (f or {}).get("attention_entries_vs_dense")
         row.append(_num(entries[-1] if entries else 1.0, ".3f"))
         if f is None:
-            row += ["0 (itself)", "1.000", "identical", "1.000"]
+            row += ["0 (itself)", "1.000", "identical", "1.000"] + (["identical", "1.000"] if with_images else [])
         else:
             tf, free = f["teacher_forced"], f["free_running"]
             psnr = free["latent_psnr_db"]
             row += [f"{_mean_last(tf['logit_rel_l2']):.2e}", f"{_mean_last(tf['choice_agreement']):.3f}",
                     "identical" if psnr is None else f"{psnr:.2f}", f"{free['latent_ssim']:.3f}"]
+            if with_images:
+                image = f["images"]
+                row += ["identical" if image["psnr_db"] is None else f"{image['psnr_db']:.2f}", f"{image['ssim']:.3f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
@@ -117,6 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting runs")
+    parser.add_argument("--images", action="store_true", help="also decode both runs (the adapter's decoder, random "
+                                                              "without a checkpoint) and report image PSNR/SSIM")
     parser.add_argument("--out", default="out/compare", help="writes <out>.json and <out>.md")
 
 
@@ -131,7 +151,8 @@ def run_and_write(args: argparse.Namespace) -> dict[str, Any]:
     config = args.config or get_adapter(args.adapter).default_config
     result = run_compare(args.adapter, config, [m for m in args.methods.split(",") if m], args.method_config,
                          h_div_w=args.h_div_w, pn=args.pn, batch=args.batch, device=args.device, dtype=args.dtype,
-                         warmup=args.warmup, repeats=args.repeats, seed=args.seed, flops=not args.no_flops)
+                         warmup=args.warmup, repeats=args.repeats, seed=args.seed, flops=not args.no_flops,
+                         images=args.images)
     table = markdown(result)
     print(table)
     json_path.write_text(json.dumps(result, indent=2, default=str))

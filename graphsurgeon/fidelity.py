@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,10 +67,13 @@ def latent_ssim(reference: torch.Tensor, other: torch.Tensor) -> float:
     return index.mean().item()
 
 
-def fidelity(adapter: Any, model: Any, fast: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+def fidelity(adapter: Any, model: Any, fast: Any, kwargs: dict[str, Any],
+             decode: Optional[Callable[[Any], torch.Tensor]] = None) -> dict[str, Any]:
     """Teacher-forced logit error and choice agreement per scale, and free-running latent PSNR/SSIM, of ``fast``
-    against ``adapter``'s baseline sampler on ``kwargs``."""
-    baseline = adapter.output_view(adapter.generate(model, **kwargs))
+    against ``adapter``'s baseline sampler on ``kwargs``; with ``decode`` (output -> uint8 (B, H, W, 3)) also the
+    mean PSNR/SSIM of the decoded images."""
+    baseline_output = adapter.generate(model, **kwargs)
+    baseline = adapter.output_view(baseline_output)
     free_output = fast.generate(**kwargs)
     free = adapter.output_view(free_output)
     forced = adapter.forced_args(kwargs, baseline)
@@ -80,7 +83,18 @@ def fidelity(adapter: Any, model: Any, fast: Any, kwargs: dict[str, Any]) -> dic
                                "choice_agreement": choice_agreement(reference, teacher)},
             "free_running": {"latent_psnr_db": latent_psnr(baseline.latent, free.latent),
                              "latent_ssim": latent_ssim(baseline.latent, free.latent)},
-            "attention_entries_vs_dense": _attention_entries(free_output.stats or {})}
+            "attention_entries_vs_dense": _attention_entries(free_output.stats or {}),
+            "images": None if decode is None else _image_distance(decode(baseline_output), decode(free_output))}
+
+
+def _image_distance(reference: torch.Tensor, images: torch.Tensor) -> dict[str, Any]:
+    """Mean PSNR (dB; None when every image is equal) and SSIM over the batch of decoded images."""
+    from .images import psnr, ssim
+
+    values = [psnr(r, i) for r, i in zip(reference, images)]
+    finite = [v for v in values if v != math.inf]
+    return {"psnr_db": sum(finite) / len(finite) if finite else None, "identical": not finite,
+            "ssim": sum(ssim(r, i) for r, i in zip(reference, images)) / len(values)}
 
 
 def _attention_entries(stats: dict[str, Any]) -> Optional[list[Optional[float]]]:

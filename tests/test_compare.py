@@ -27,9 +27,11 @@ def test_neutral_methods_are_at_zero_distance_and_defaults_are_not(tmp_path, cap
     assert same["free_running"]["latent_psnr_db"] is None and same["free_running"]["latent_ssim"] == pytest.approx(1.0)
     assert RANDOM_WEIGHTS_NOTE in capsys.readouterr().out and RANDOM_WEIGHTS_NOTE in stem.with_suffix(".md").read_text()
     stem = tmp_path / "defaults"
-    assert main(["compare", "--adapter", adapter, *extra, *FAST, "--methods", "lhep+sats,sats", "--out", str(stem)]) == 0
+    assert main(["compare", "--adapter", adapter, *extra, *FAST, "--methods", "lhep+sats,sats", "--images",
+                 "--out", str(stem)]) == 0
     result = json.loads(stem.with_suffix(".json").read_text())
     moved = result["fidelity"]["lhep+sats"]
+    assert not moved["images"]["identical"] and 0 < moved["images"]["ssim"] < 1  # decoded pictures compared too
     assert max(moved["teacher_forced"]["logit_rel_l2"]) > 0 and moved["free_running"]["latent_psnr_db"] is not None
     flops = {name: v["flops"]["total"] for name, v in result["variants"].items()}
     assert flops["lhep+sats"] < flops["sats"] < flops["baseline"]
