@@ -291,28 +291,7 @@ def _rewrite_scale(scale, batch: int, total_rows: int, rule: Optional[tuple], pr
         annotations(gathered).update({k: v for k, v in annotations(tokens).items() if k.startswith(("token_axis", "row_axis"))})
         added += [previous, energy, keep, selection, index, valid, gathered]
         propagate_axis(graph, gathered, 0, total_rows if active is None else tokens.meta["val"].shape[0], key="row_axis")
-        nodes = _nodes(graph)
-        done, gathered_by_expression, expressions = set(), {}, {}
-        mutated = {n.args[0] for n in graph.nodes if n.target is operator.setitem}
-        for value_name, axis, meets in scale.side_values:
-            if value_name in done or value_name not in nodes:
-                continue
-            done.add(value_name)
-            value, meet = nodes[value_name], nodes[meets]
-            meet_row = annotations(meet).get("row_axis")
-            if not isinstance(meet_row, int):
-                raise ConfigError(f"pass 'lhep': scale {scale.index}: cannot tell the batch dimension where side input "
-                                  f"{value_name} meets the tokens ({meets})")
-            row_axis = meet_row - (meet.meta["val"].dim() - value.meta["val"].dim())
-            expression = (_expression(value, mutated, expressions), axis, row_axis)
-            side = gathered_by_expression.get(expression) if expression[0] is not None else None
-            if side is None:  # every block slices the same position rows: gather them once, not once per block
-                with graph.inserting_after(value):
-                    side = _tag(graph.call_function(gather_tokens, (value, index, valid, axis, row_axis)),
-                                "gather_side_input")
-                gathered_by_expression[expression] = side
-                added.append(side)
-            value.replace_all_uses_with(side, delete_user_cb=lambda user: user is not side)
+        added += gather_side_values(scale, graph, index, valid, "lhep")
         changed = generalize_axis(module, gathered, scale.token_axis, scale.tokens, key="token_axis",
                                   role="kept_token_count", keep_roles=("token_side_input",))  # gathered after the slice
     else:
@@ -347,6 +326,37 @@ def _rewrite_scale(scale, batch: int, total_rows: int, rule: Optional[tuple], pr
     module.recompile()
     return GraphEdit("lhep", "scale", scale.index, added=tuple(n.name for n in added), generalized=tuple(changed),
                      rewired=(tokens.name,) if index is not None else ())
+
+
+def gather_side_values(scale, graph: torch.fx.Graph, index: torch.fx.Node, valid: torch.fx.Node,
+                       pass_name: str) -> list[torch.fx.Node]:
+    """Gather every per-token side value the token-axis analysis found (position tables and the like) with the
+    tokens' ``index``, per row (its batch dimension read where it meets the gathered tokens). Side values that
+    are the same computation are gathered once (every block slices the same position rows). Returns the nodes
+    added, tagged ``pass_name``/"gather_side_input"; shared by the passes that gather tokens."""
+    nodes = _nodes(graph)
+    added, done, gathered_by_expression, expressions = [], set(), {}, {}
+    mutated = {n.args[0] for n in graph.nodes if n.target is operator.setitem}
+    for value_name, axis, meets in scale.side_values:
+        if value_name in done or value_name not in nodes:
+            continue
+        done.add(value_name)
+        value, meet = nodes[value_name], nodes[meets]
+        meet_row = annotations(meet).get("row_axis")
+        if not isinstance(meet_row, int):
+            raise ConfigError(f"pass '{pass_name}': scale {scale.index}: cannot tell the batch dimension where side "
+                              f"input {value_name} meets the tokens ({meets})")
+        row_axis = meet_row - (meet.meta["val"].dim() - value.meta["val"].dim())
+        expression = (_expression(value, mutated, expressions), axis, row_axis)
+        side = gathered_by_expression.get(expression) if expression[0] is not None else None
+        if side is None:
+            with graph.inserting_after(value):
+                side = tag(graph.call_function(gather_tokens, (value, index, valid, axis, row_axis)), pass_name,
+                           "gather_side_input")
+            gathered_by_expression[expression] = side
+            added.append(side)
+        value.replace_all_uses_with(side, delete_user_cb=lambda user: user is not side)
+    return added
 
 
 def _fill_token_validity(graph: torch.fx.Graph, valid: torch.fx.Node) -> None:

@@ -37,7 +37,7 @@ from graphsurgeon.meta import annotations
 from graphsurgeon.passes import GraphEdit, GraphPass, PassConfig, register_pass
 from graphsurgeon.rewrite import export_form, tag
 from graphsurgeon.runner import PassRuntime
-from passes.lhep import fixed_keep_mask, gather_tokens, select_tokens
+from passes.lhep import fixed_keep_mask, gather_side_values, gather_tokens, select_tokens
 
 PASS = "stepvar"
 _QUERY_BLOCK = 1 << 22
@@ -259,7 +259,7 @@ def _rewrite_scale(scale, batch: int, config: StepVARConfig) -> GraphEdit:
     gathered.meta.update({k: v for k, v in tokens.meta.items() if k != "graphsurgeon"})
     annotations(gathered).update({k: v for k, v in annotations(tokens).items() if k.startswith(("token_axis", "row_axis"))})
     propagate_axis(graph, gathered, 0, tokens.meta["val"].shape[0], key="row_axis")
-    sides = _gather_side_values(scale, graph, index, valid)
+    sides = gather_side_values(scale, graph, index, valid, PASS)
     changed = generalize_axis(module, gathered, scale.token_axis, scale.tokens, key="token_axis",
                               role="kept_token_count", keep_roles=("token_side_input",))
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
@@ -277,28 +277,6 @@ def _rewrite_scale(scale, batch: int, config: StepVARConfig) -> GraphEdit:
     added = [scores, keep, selection, index, valid, gathered, *sides, dense]
     return GraphEdit(PASS, "scale", scale.index, added=tuple(n.name for n in added), generalized=tuple(changed),
                      rewired=(tokens.name,))
-
-
-def _gather_side_values(scale, graph: torch.fx.Graph, index: torch.fx.Node, valid: torch.fx.Node) -> list[torch.fx.Node]:
-    """Every per-token side value the token-axis analysis found (position tables and the like) gathered with
-    the tokens' indices, per row (its batch dimension read where it meets the gathered tokens)."""
-    nodes = {n.name: n for n in graph.nodes}
-    added, done = [], set()
-    for value_name, axis, meets in scale.side_values:
-        if value_name in done or value_name not in nodes:
-            continue
-        done.add(value_name)
-        value, meet = nodes[value_name], nodes[meets]
-        meet_row = annotations(meet).get("row_axis")
-        if not isinstance(meet_row, int):
-            raise ConfigError(f"pass '{PASS}': scale {scale.index}: cannot tell the batch dimension where side input "
-                              f"{value_name} meets the tokens ({meets})")
-        row_axis = meet_row - (meet.meta["val"].dim() - value.meta["val"].dim())
-        with graph.inserting_after(value):
-            side = _tag(graph.call_function(gather_tokens, (value, index, valid, axis, row_axis)), "gather_side_input")
-        value.replace_all_uses_with(side, delete_user_cb=lambda user: user is not side)
-        added.append(side)
-    return added
 
 
 class StepVARRuntime(PassRuntime):
