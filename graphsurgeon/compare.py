@@ -3,15 +3,20 @@
 Per method (a pass set such as ``lhep+sats``): latency per image side by side with the baseline (warm-up,
 round-robin repeats), FLOPs and token-rows per scale (the benchmark runner, graphsurgeon.bench), and the distance
 to the unaccelerated model (graphsurgeon.fidelity): teacher-forced per-scale logit error and choice agreement,
-free-running latent PSNR/SSIM. One JSON and one Markdown table. With random weights the figures show cost and
+free-running latent PSNR/SSIM. One JSON and one Markdown table, and with decoded images an HTML page showing
+them side by side. With random weights the figures show cost and
 distance to the unaccelerated model, never image quality; the output says so.
 """
 from __future__ import annotations
 
 import argparse
+import html
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
+
+import torch
 
 from .bench.runner import BASELINE, run_benchmark
 from .bench.spec import make_spec, passes_of
@@ -25,10 +30,11 @@ RANDOM_WEIGHTS_NOTE = ("Random weights: these figures show what each method cost
 def run_compare(adapter_name: str, config: str, methods: list[str], method_config: Optional[dict[str, dict]] = None,
                 h_div_w: float = 1.0, pn: str = "1M", batch: int = 1, device: str = "cpu", dtype: str = "float32",
                 warmup: int = 1, repeats: int = 3, seed: int = 0, flops: bool = True, images: bool = False,
-                log=print) -> dict[str, Any]:
+                pictures: Optional[dict[str, torch.Tensor]] = None, log=print) -> dict[str, Any]:
     """Benchmark ``methods`` side by side, then measure each one's fidelity; returns the result (JSON-ready).
     ``images``: also decode both runs with the adapter's image pipeline (its decoder; a seeded random one without
-    a checkpoint) and compare the pictures."""
+    a checkpoint) and compare the pictures; the decoded images, uint8 (B, H, W, 3), by method (and "baseline"), go
+    into ``pictures`` when given."""
     from .adapters import ModelAdapter, get_adapter
     from .api import optimize
     from .fidelity import fidelity
@@ -54,7 +60,11 @@ def run_compare(adapter_name: str, config: str, methods: list[str], method_confi
         passes = passes_of(method)
         settings = {name: method_config[name] for name in passes if name in method_config}
         fast = optimize(model, adapter=adapter, passes=passes, config=settings or None)
-        result["fidelity"][method] = fidelity(adapter, model, fast, kwargs, decode)
+        measured = fidelity(adapter, model, fast, kwargs, decode)
+        result["fidelity"][method] = measured.figures
+        if pictures is not None and measured.images is not None:
+            pictures.setdefault(BASELINE, measured.baseline_images)
+            pictures[method] = measured.images
         log(f"{method}: fidelity measured")
     return result
 
@@ -68,24 +78,14 @@ def _decoder(adapter: Any, config: str, device: str, seed: int):
     return adapter.image_pipeline(sources).images
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """The comparison table (one row per method, the baseline first) and the note on random weights."""
-    spec, variants, fid = result["spec"], result["variants"], result["fidelity"]
+def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The comparison's header and rows (one per method, the baseline first), as text cells."""
+    variants, fid = result["variants"], result["fidelity"]
     with_images = any(f.get("images") for f in fid.values())
-    lines = [f"### compare: {spec['adapter']} {spec['config']}, pn {spec['pn']}, batch {spec['batch']}, "
-             f"{spec['dtype']} on {spec['device']}", "", f"_{result['note']}_", "",
-             f"- {spec['warmup']} warm-up + {spec['repeats']} timed runs per method, round-robin; seed {spec['seed']}; "
-             f"machine: {result['machine'].get('gpu') or result['machine']['cpu']}, torch {result['machine']['torch']}",
-             "- teacher-forced: every scale forced to the baseline's drawn values; logit error = relative L2 of the "
-             "guided logits, agreement = same most likely choice; both averaged over the last 3 scales",
-             "- free-running: the method samples on its own; PSNR/SSIM of the final latent (peak = the baseline "
-             "latent's value range)", "",
-             "- attention entries: (query, key) pairs a sparse-attention method keeps at the last scale, over dense "
-             "(its dense masked reference still computes every pair, so its FLOPs and time do not drop yet)", "",
-             "| method | s/image | speed-up | GFLOP | FLOPs vs baseline | token-rows (last scale) | attention entries "
-             "(last scale) | TF logit rel-L2 | TF agreement | latent PSNR dB | latent SSIM |"
-             + (" image PSNR dB | image SSIM |" if with_images else ""),
-             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if with_images else "")]
+    header = ["method", "s/image", "speed-up", "GFLOP", "FLOPs vs baseline", "token-rows (last scale)",
+              "block work (last scale)", "attention entries (last scale)", "TF logit rel-L2", "TF agreement",
+              "latent PSNR dB", "latent SSIM"] + (["image PSNR dB", "image SSIM"] if with_images else [])
+    rows = []
     base_flops = variants[BASELINE].get("flops", {}).get("total")
     for name, v in variants.items():
         flops = v.get("flops", {}).get("total")
@@ -93,8 +93,9 @@ def markdown(result: dict[str, Any]) -> str:
                _num(flops and flops / 1e9, ".1f"), _num(flops and base_flops and flops / base_flops, ".3f"),
                str(v["tokens_per_scale"][-1])]
         f = fid.get(name)
-        entries = (f or {}).get("attention_entries_vs_dense")
-        row.append(_num(entries[-1] if entries else 1.0, ".3f"))
+        for key in ("token_layers_vs_dense", "attention_entries_vs_dense"):
+            values = (f or {}).get(key)
+            row.append(_num(values[-1] if values and values[-1] is not None else 1.0, ".3f"))
         if f is None:
             row += ["0 (itself)", "1.000", "identical", "1.000"] + (["identical", "1.000"] if with_images else [])
         else:
@@ -105,8 +106,71 @@ def markdown(result: dict[str, Any]) -> str:
             if with_images:
                 image = f["images"]
                 row += ["identical" if image["psnr_db"] is None else f"{image['psnr_db']:.2f}", f"{image['ssim']:.3f}"]
-        lines.append("| " + " | ".join(row) + " |")
+        rows.append(row)
+    return header, rows
+
+
+def _legend(result: dict[str, Any]) -> list[str]:
+    spec = result["spec"]
+    return [f"{spec['warmup']} warm-up + {spec['repeats']} timed runs per method, round-robin; seed {spec['seed']}; "
+            f"machine: {result['machine'].get('gpu') or result['machine']['cpu']}, torch {result['machine']['torch']}",
+            "teacher-forced: every scale forced to the baseline's drawn values; logit error = relative L2 of the "
+            "guided logits, agreement = same most likely choice; both averaged over the last 3 scales",
+            "free-running: the method samples on its own; PSNR/SSIM of the final latent (peak = the baseline "
+            "latent's value range)",
+            "block work: token-layers a per-token-depth method computes at the last scale, over every token through "
+            "every block",
+            "attention entries: (query, key) pairs a sparse-attention method keeps at the last scale, over dense "
+            "(its dense masked reference still computes every pair, so its FLOPs and time do not drop yet)"]
+
+
+def _title(result: dict[str, Any]) -> str:
+    spec = result["spec"]
+    return (f"compare: {spec['adapter']} {spec['config']}, pn {spec['pn']}, batch {spec['batch']}, "
+            f"{spec['dtype']} on {spec['device']}")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The comparison table (one row per method, the baseline first) and the note on random weights."""
+    header, rows = table(result)
+    lines = [f"### {_title(result)}", "", f"_{result['note']}_", ""] + [f"- {line}" for line in _legend(result)]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def to_html(result: dict[str, Any], pictures: dict[str, torch.Tensor]) -> str:
+    """One self-contained page: the table, then per sample the decoded images of the baseline and of every method
+    side by side (inline PNGs, each captioned with its PSNR/SSIM to the baseline's)."""
+    from .images import psnr, ssim
+    from .report import fit_image, png_uri
+
+    header, rows = table(result)
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    names = [BASELINE] + [m for m in result["fidelity"] if m in pictures]
+    baseline = pictures[BASELINE]
+    figures = []
+    for sample in range(baseline.shape[0]):
+        items = []
+        for name in names:
+            image = pictures[name][sample]
+            value = psnr(baseline[sample], image)
+            caption = (html.escape(name) if name == BASELINE else
+                       f"{html.escape(name)}<br>PSNR {'identical' if value == math.inf else f'{value:.2f} dB'}, "
+                       f"SSIM {ssim(baseline[sample], image):.3f}")
+            picture = fit_image(image)
+            items.append(f'<figure><img class="compare-image" data-sample="{sample}" data-method="{html.escape(name)}" '
+                         f'src="{png_uri(picture)}" width="{picture.width}" height="{picture.height}" '
+                         f'alt="{html.escape(name)}"><figcaption>{caption}</figcaption></figure>')
+        figures.append(f'<h3>sample {sample}</h3><div class="row">{"".join(items)}</div>')
+    legend = "".join(f"<li>{html.escape(line)}</li>" for line in _legend(result))
+    return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>graphsurgeon compare</title><style>"
+            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+            "padding:4px 8px;text-align:right}.row{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0}"
+            f"figcaption{{font-size:12px}}</style></head><body><h1>{html.escape(_title(result))}</h1>"
+            f"<p><em>{html.escape(result['note'])}</em></p><ul>{legend}</ul><table><tr>{cells}</tr>{body}</table>"
+            f"<h2>Images (decoded from each free run)</h2>{''.join(figures)}</body></html>")
 
 
 def _mean_last(values: list[float], count: int = 3) -> float:
@@ -137,7 +201,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting runs")
     parser.add_argument("--images", action="store_true", help="also decode both runs (the adapter's decoder, random "
                                                               "without a checkpoint) and report image PSNR/SSIM")
-    parser.add_argument("--out", default="out/compare", help="writes <out>.json and <out>.md")
+    parser.add_argument("--out", default="out/compare", help="writes <out>.json and <out>.md (and <out>.html with "
+                                                             "the images side by side, with --images)")
 
 
 def run_and_write(args: argparse.Namespace) -> dict[str, Any]:
@@ -145,17 +210,24 @@ def run_and_write(args: argparse.Namespace) -> dict[str, Any]:
     from .adapters import get_adapter
 
     out = Path(args.out)
-    if out.suffix in (".json", ".md") or out.name in ("", "..", "."):
-        raise ConfigError(f"--out {args.out!r}: give a stem such as out/compare; <out>.json and <out>.md are written")
+    if out.suffix in (".json", ".md", ".html") or out.name in ("", "..", "."):
+        raise ConfigError(f"--out {args.out!r}: give a stem such as out/compare; <out>.json and <out>.md (and with "
+                          "--images <out>.html) are written")
     json_path, md_path = (check_file_target(out.with_suffix(suffix)) for suffix in (".json", ".md"))
     config = args.config or get_adapter(args.adapter).default_config
+    html_path = check_file_target(out.with_suffix(".html")) if args.images else None
+    pictures: dict[str, torch.Tensor] = {}
     result = run_compare(args.adapter, config, [m for m in args.methods.split(",") if m], args.method_config,
                          h_div_w=args.h_div_w, pn=args.pn, batch=args.batch, device=args.device, dtype=args.dtype,
                          warmup=args.warmup, repeats=args.repeats, seed=args.seed, flops=not args.no_flops,
-                         images=args.images)
-    table = markdown(result)
-    print(table)
+                         images=args.images, pictures=pictures)
+    text = markdown(result)
+    print(text)
     json_path.write_text(json.dumps(result, indent=2, default=str))
-    md_path.write_text(table)
-    print(f"wrote {json_path} and {md_path}")
+    md_path.write_text(text)
+    written = [json_path, md_path]
+    if html_path is not None:
+        html_path.write_text(to_html(result, pictures))
+        written.append(html_path)
+    print("wrote " + ", ".join(map(str, written)))
     return result

@@ -67,8 +67,18 @@ def latent_ssim(reference: torch.Tensor, other: torch.Tensor) -> float:
     return index.mean().item()
 
 
+@dataclass
+class Fidelity:
+    """What :func:`fidelity` measured (``figures``, JSON-ready) and, when a decoder was given, the decoded images
+    of both free runs (uint8 (B, H, W, 3)), for pictures side by side."""
+
+    figures: dict[str, Any]
+    baseline_images: Optional[torch.Tensor] = None
+    images: Optional[torch.Tensor] = None
+
+
 def fidelity(adapter: Any, model: Any, fast: Any, kwargs: dict[str, Any],
-             decode: Optional[Callable[[Any], torch.Tensor]] = None) -> dict[str, Any]:
+             decode: Optional[Callable[[Any], torch.Tensor]] = None) -> Fidelity:
     """Teacher-forced logit error and choice agreement per scale, and free-running latent PSNR/SSIM, of ``fast``
     against ``adapter``'s baseline sampler on ``kwargs``; with ``decode`` (output -> uint8 (B, H, W, 3)) also the
     mean PSNR/SSIM of the decoded images."""
@@ -79,15 +89,19 @@ def fidelity(adapter: Any, model: Any, fast: Any, kwargs: dict[str, Any],
     forced = adapter.forced_args(kwargs, baseline)
     reference = adapter.output_view(adapter.generate(model, **forced)).choices
     teacher = adapter.output_view(fast.generate(**forced)).choices
-    return {"teacher_forced": {"logit_rel_l2": logit_errors(reference, teacher),
-                               "choice_agreement": choice_agreement(reference, teacher)},
-            "free_running": {"latent_psnr_db": latent_psnr(baseline.latent, free.latent),
-                             "latent_ssim": latent_ssim(baseline.latent, free.latent)},
-            "attention_entries_vs_dense": _attention_entries(free_output.stats or {}),
-            "images": None if decode is None else _image_distance(decode(baseline_output), decode(free_output))}
+    pictures = (decode(baseline_output), decode(free_output)) if decode is not None else (None, None)
+    stats = free_output.stats or {}
+    figures = {"teacher_forced": {"logit_rel_l2": logit_errors(reference, teacher),
+                                  "choice_agreement": choice_agreement(reference, teacher)},
+               "free_running": {"latent_psnr_db": latent_psnr(baseline.latent, free.latent),
+                                "latent_ssim": latent_ssim(baseline.latent, free.latent)},
+               "attention_entries_vs_dense": per_scale_figure(stats, "entries_vs_dense"),
+               "token_layers_vs_dense": per_scale_figure(stats, "token_layers_vs_dense"),
+               "images": None if decode is None else image_distance(*pictures)}
+    return Fidelity(figures, *pictures)
 
 
-def _image_distance(reference: torch.Tensor, images: torch.Tensor) -> dict[str, Any]:
+def image_distance(reference: torch.Tensor, images: torch.Tensor) -> dict[str, Any]:
     """Mean PSNR (dB; None when every image is equal) and SSIM over the batch of decoded images."""
     from .images import psnr, ssim
 
@@ -97,10 +111,11 @@ def _image_distance(reference: torch.Tensor, images: torch.Tensor) -> dict[str, 
             "ssim": sum(ssim(r, i) for r, i in zip(reference, images)) / len(values)}
 
 
-def _attention_entries(stats: dict[str, Any]) -> Optional[list[Optional[float]]]:
-    """Per scale, the attention (query, key) pairs computed over the dense count, from the pass that reports it
-    (a sparse-attention pass: "entries_vs_dense" in its stats); None when no pass does."""
+def per_scale_figure(stats: dict[str, Any], key: str) -> Optional[list[Optional[float]]]:
+    """Per scale, ``key`` from the pass whose stats report it (None where it does not act), or None when no pass
+    does: "entries_vs_dense" (attention (query, key) pairs over the dense count, a sparse-attention pass),
+    "token_layers_vs_dense" (block work over every token through every block, a per-token-depth pass)."""
     for entries in stats.values():
-        if isinstance(entries, list) and entries and "entries_vs_dense" in entries[0]:
-            return [entry["entries_vs_dense"] for entry in entries]
+        if isinstance(entries, list) and entries and isinstance(entries[0], dict) and key in entries[0]:
+            return [entry[key] for entry in entries]
     return None

@@ -241,7 +241,7 @@ def fit_image(image: torch.Tensor) -> Image.Image:
     return picture.resize((picture.width * factor, picture.height * factor), Image.Resampling.NEAREST)
 
 
-def _png_uri(picture: Image.Image) -> str:
+def png_uri(picture: Image.Image) -> str:
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -250,7 +250,7 @@ def _png_uri(picture: Image.Image) -> str:
 def _img(picture: Image.Image, css_class: str, label: str, **data: int) -> str:
     """An inline PNG at its own size (width/height set, so the browser never rescales it)."""
     attributes = "".join(f' data-{k}="{v}"' for k, v in data.items())
-    return (f'<img class="{css_class}"{attributes} src="{_png_uri(picture)}" width="{picture.width}" '
+    return (f'<img class="{css_class}"{attributes} src="{png_uri(picture)}" width="{picture.width}" '
             f'height="{picture.height}" alt="{html.escape(label)}" title="{html.escape(label)}">')
 
 

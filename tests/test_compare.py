@@ -37,6 +37,11 @@ def test_neutral_methods_are_at_zero_distance_and_defaults_are_not(tmp_path, cap
     assert flops["lhep+sats"] < flops["sats"] < flops["baseline"]
     table = stem.with_suffix(".md").read_text()
     assert all(f"| {name} |" in table for name in ("baseline", "lhep+sats", "sats"))
+    page = stem.with_suffix(".html").read_text()  # the decoded images side by side, one row per sample
+    for name in ("baseline", "lhep+sats", "sats"):
+        assert page.count(f'data-method="{name}"') == 1 and f"<td>{name}</td>" in page
+    assert page.count("data:image/png;base64,") == 3 and "http" not in page
+    assert RANDOM_WEIGHTS_NOTE in page
 
 
 def test_fidelity_metrics():
@@ -57,9 +62,12 @@ def test_an_unknown_method_fails_before_any_run(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
-def test_attention_entries_come_from_the_pass_that_reports_them():
-    from graphsurgeon.fidelity import _attention_entries
+def test_per_scale_figures_come_from_the_pass_that_reports_them():
+    from graphsurgeon.fidelity import per_scale_figure
 
     stats = {"lhep": [{"scale": 0, "kept": None}], "sparvar": [{"scale": 0, "entries_vs_dense": None},
-                                                               {"scale": 1, "entries_vs_dense": 0.5}]}
-    assert _attention_entries(stats) == [None, 0.5] and _attention_entries({"lhep": stats["lhep"]}) is None
+                                                               {"scale": 1, "entries_vs_dense": 0.5}],
+             "depthvar": [{"scale": 0, "token_layers_vs_dense": None}, {"scale": 1, "token_layers_vs_dense": 0.3}]}
+    assert per_scale_figure(stats, "entries_vs_dense") == [None, 0.5]
+    assert per_scale_figure(stats, "token_layers_vs_dense") == [None, 0.3]
+    assert per_scale_figure({"lhep": stats["lhep"]}, "entries_vs_dense") is None

@@ -39,7 +39,7 @@ class ToyAdapter(ModelAdapter):
 
     def capture_plan(self, model, args: ToyArgs) -> CapturePlan:
         config, batch, runner = model.config, args.labels.numel(), eager_runner(model, args)
-        rows, meta, last = batch * args.repeat, "meta", config.grids[-1]
+        rows, meta, last, blocks = batch * args.repeat, "meta", config.grids[-1], [f"blocks.{i}" for i in range(config.depth)]
         scales = [ScaleSpec(si, (1, g, g), {"tokens": torch.empty(rows, g * g, config.dim, device=meta),
                                             "cond": torch.empty(rows, config.prefix * config.dim, device=meta)},
                             token_input="tokens", token_axis=1, step=_at(runner.scale_step, si),
@@ -52,7 +52,7 @@ class ToyAdapter(ModelAdapter):
                     for si, g in enumerate(config.grids)]
         state = [StateSlot(f"{kind}{i}", "", "cache", key=f"{kind}{i}") for i in range(config.depth) for kind in "kv"]
         return CapturePlan(model=model, scales=scales, state=state, residual=residual, prepare=lambda: caching(model),
-                           cfg_batch=batch if args.repeat == 2 else None)
+                           cfg_batch=batch if args.repeat == 2 else None, blocks=tuple(blocks))
 
 
 def _at(step, si: int):

@@ -9,7 +9,7 @@ dimension needs. Literals it cannot attribute to the token axis are left alone a
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.fx
@@ -27,12 +27,14 @@ def generalize_token_count(module: torch.fx.GraphModule, token_input: str, token
 
 
 def generalize_axis(module: torch.fx.GraphModule, source: torch.fx.Node, axis: int, extent: int, key: str,
-                    role: str, keep_roles: tuple[str, ...] = ()) -> list[str]:
+                    role: str, keep_roles: tuple[str, ...] = (), within: Optional[Iterable[torch.fx.Node]] = None
+                    ) -> list[str]:
     """Replace literals equal to ``extent`` on the dimension annotated ``key`` by ``source.size(axis)``.
 
     ``key`` names an axis annotation (``token_axis``, or one made by ``propagate_axis``); the size node is
     inserted right after ``source`` (after the last input when ``source`` is one). Nodes whose role is in
-    ``keep_roles`` keep their literals (e.g. side inputs that a pass gathers from at full extent).
+    ``keep_roles`` keep their literals (e.g. side inputs that a pass gathers from at full extent); ``within``:
+    only these nodes are rewritten (e.g. one block whose tokens a pass gathered), else every node.
     """
     graph = module.graph
     anchor = [n for n in graph.nodes if n.op == "placeholder"][-1] if source.op == "placeholder" else source
@@ -41,8 +43,9 @@ def generalize_axis(module: torch.fx.GraphModule, source: torch.fx.Node, axis: i
     annotations(count)["role"] = role
     count.meta["val"] = extent
     changed = []
+    scope = set(within) if within is not None else None
     for node in list(graph.nodes):
-        if node is count or annotations(node).get("role") in keep_roles:
+        if node is count or annotations(node).get("role") in keep_roles or (scope is not None and node not in scope):
             continue
         if node.op == "call_method" and node.target in _RESHAPES:
             changed += _reshape(graph, node, count, extent, key)

@@ -51,7 +51,9 @@ class ScaleSpec:
     sampled_axes: Optional[tuple[int, int]] = None
     """The (height, width) dimensions of ``sampled_input`` (its grid may be a multiple of the token grid)."""
     residual_output: Optional[str] = None
-    """Role "residual" of a residual step: the output holding this scale's residual R_k as a (B, C, h, w) map."""
+    """Role "residual" of a residual step: the output holding this scale's residual R_k as a (B, C, h, w) map.
+    A pass that weights a scale's contribution (DepthVAR's code blending) scales R_k where it is computed, so
+    every other output should be computed from the drawn values through R_k (checked by such a pass)."""
 
     @property
     def tokens(self) -> int:
@@ -86,5 +88,9 @@ class CapturePlan:
     cfg_batch: Optional[int] = None
     """The CFG layout. With classifier-free guidance on a doubled batch: B, where rows [0:B] are the conditional
     samples and rows [B:2B] their unconditional twins (row b + B guides sample b); None without CFG."""
+    blocks: tuple[str, ...] = ()
+    """Module paths (relative to ``model``) of the blocks a scale step runs on its token stream, in order: the
+    layers of a pass that works per layer (e.g. DepthVAR's per-token depth). Each must be called once per scale
+    step, take the stream (rows, tokens, C) and return it updated; see :mod:`graphsurgeon.capture.blocks`."""
     export_decompositions: dict[Any, Callable] = field(default_factory=dict)
     """Opaque op -> an equivalent in plain torch ops, substituted when exporting (e.g. to ONNX)."""

@@ -183,5 +183,6 @@ class InfinityAdapter(ModelAdapter):
                  "(flash-attn on CUDA when installed)"]
         return CapturePlan(model=model, scales=scales, state=state, prepare=caching_on, notes=notes,
                            cfg_batch=batch if cfg_on else None, residual=residual,
+                           blocks=tuple(paths[id(block)] for block in model.unregistered_blocks),
                            export_decompositions={torch.ops.graphsurgeon_infinity.packed_cross_attention.default:
                                                   packed_cross_attention_reference})

@@ -107,8 +107,8 @@ def residual_step(model, scale_ind: int, vae_schedule, n_run: int, bits: torch.T
                   codebook_dim: int, patchify: bool, repeat: int) -> dict[str, torch.Tensor]:
     """A scale's bits -> its codes (R_k, as a (B, d, h, w) map), the updated sum of codes, and the next scale's
     input tokens. The second region graphsurgeon captures per scale (LHEP's scatter lives here)."""
-    codes = bits_to_codes(bits, codebook_dim)
-    residual = codes.squeeze(-3)
+    residual = bits_to_codes(bits, codebook_dim).squeeze(-3)
+    codes = residual.unsqueeze(-3)  # everything below is computed from R_k (a pass may weight it: DepthVAR)
     if scale_ind == len(vae_schedule) - 1:
         return {"residual": residual, "summed_codes": summed_codes + codes}
     summed_codes = summed_codes + F.interpolate(codes, size=vae_schedule[-1], mode="trilinear")

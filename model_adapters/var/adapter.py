@@ -129,7 +129,8 @@ class VARAdapter(ModelAdapter):
                  "level and position embeddings are added in the residual step (next_tokens), as the official sampler does",
                  "the residual step runs the VQVAE's Phi (quant_resi) and codebook: the capture root holds both models"]
         return CapturePlan(model=_ModelAndVAE(model, call.vae), scales=scales, state=state, residual=residual,
-                           prepare=lambda: kv_caching(model), cfg_batch=batch, notes=notes)
+                           prepare=lambda: kv_caching(model), cfg_batch=batch, notes=notes,
+                           blocks=tuple(f"var.blocks.{i}" for i in range(len(model.blocks))))
 
 
 def _placeholder_vae(model: Any, seed: Optional[int]) -> torch.nn.Module:
