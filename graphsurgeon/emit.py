@@ -156,10 +156,11 @@ def _summary(captured: CapturedModel, per_pass: dict[str, list[dict]]) -> list[d
 
     ``work_vs_baseline`` is what ran (padding included); ``work_vs_baseline_unpadded`` is what an unpadded run
     would compute, the FLOP ideal. A running row is every conditional row plus each unconditional row SATS
-    still runs; without CFG, one row per sample.
+    still runs; without CFG, one row per sample. A scale a pass skipped computes nothing.
     """
     selected = stats_entries_with(per_pass, "kept")  # the token-selecting pass (at most one: passes declare `provides`)
     guarded = stats_entries_with(per_pass, "uncond_ran")  # the row-selecting pass
+    skipped = {k for k, entry in stats_entries_with(per_pass, "skipped").items() if entry["skipped"]}
     batch = captured.plan.cfg_batch
     rows = _rows(captured)
     samples = batch or rows
@@ -172,8 +173,8 @@ def _summary(captured: CapturedModel, per_pass: dict[str, list[dict]]) -> list[d
         guard = guarded.get(scale.index, {})
         uncond = guard.get("uncond_ran", [batch is not None] * samples)
         sample_rows = [1 + int(u) for u in uncond]
-        kept_rows = sum(k * r for k, r in zip(kept, sample_rows))
-        computed = width * sum(sample_rows)
+        kept_rows = 0 if scale.index in skipped else sum(k * r for k, r in zip(kept, sample_rows))
+        computed = 0 if scale.index in skipped else width * sum(sample_rows)
         baseline = scale.tokens * rows
         per_sample = [{"tokens_computed": k, "padding_per_row": width - k, "uncond_ran": bool(u),
                        "delta": (guard.get("delta") or [None] * samples)[i],

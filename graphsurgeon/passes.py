@@ -83,6 +83,9 @@ class GraphPass(abc.ABC):
     Config: ClassVar[type[PassConfig]]
     runs_before: ClassVar[tuple[str, ...]] = ()
     """Passes that must run after this one when both are enabled (e.g. a row guard before a token gather)."""
+    runs_after: ClassVar[tuple[str, ...]] = ()
+    """Passes that must run before this one when both are enabled (e.g. a pass that empties whole scales checks
+    that no other pass edited them)."""
     provides: ClassVar[tuple[str, ...]] = ()
     """What the pass takes over in a scale graph, each at most once per pass set: "token_selection" (which tokens
     of a scale are computed), "row_selection" (which batch rows run), "attention_pattern" (which keys each query
@@ -118,15 +121,17 @@ class GraphPass(abc.ABC):
 
 
 def order_passes(passes: Sequence[GraphPass]) -> list[GraphPass]:
-    """``passes`` in an order meeting every ``runs_before`` among them (otherwise as listed); a cycle is refused."""
+    """``passes`` in an order meeting every ``runs_before``/``runs_after`` among them (otherwise as listed); a cycle
+    is refused."""
     remaining = list(passes)
     ordered: list[GraphPass] = []
     while remaining:
         names = {p.name for p in remaining}
         blocked = {after for p in remaining for after in p.runs_before if after in names}
+        blocked |= {p.name for p in remaining if any(before in names for before in p.runs_after)}
         ready = [p for p in remaining if p.name not in blocked]
         if not ready:
-            raise ConfigError(f"passes {sorted(names)} declare a cycle in runs_before")
+            raise ConfigError(f"passes {sorted(names)} declare a cycle in runs_before/runs_after")
         ordered.append(ready[0])
         remaining.remove(ready[0])
     return ordered

@@ -35,14 +35,14 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from graphsurgeon.capture.blocks import BlockRegion, block_regions
-from graphsurgeon.capture.dynamic import generalize_axis
 from graphsurgeon.capture.token_axes import propagate_axis
 from graphsurgeon.errors import ConfigError
 from graphsurgeon.meta import annotations
 from graphsurgeon.passes import GraphEdit, GraphPass, PassConfig, register_pass
 from graphsurgeon.rewrite import add_input, export_form, tag
 from graphsurgeon.runner import PassRuntime
-from passes.lhep import gather_tokens, select_tokens
+from passes._subset import copy_token_meta, gather_inside
+from passes.lhep import select_tokens
 
 PASS = "depthvar"
 
@@ -354,21 +354,14 @@ def _rewrite_block(graph: torch.fx.Graph, module, scale, region: BlockRegion, de
                    grid: tuple[int, int], proxy: str) -> tuple[list[torch.fx.Node], list[str], torch.fx.Node]:
     """One block: its tokens' positions, the gathered stream and side values, the merged output."""
     inside = set(region.nodes)
-    first = region.nodes[0]
-    with graph.inserting_before(first):
+    with graph.inserting_before(region.nodes[0]):
         keep = _tag(graph.call_function(layer_keep, (depths, rank)), "layer_mask")
         selection = _tag(graph.call_function(select_tokens, (keep, None, batch, region.stream_in)), "select")
         index = _tag(graph.call_function(operator.getitem, (selection, 0)), "select")
         valid = _tag(graph.call_function(operator.getitem, (selection, 1)), "select")
-        gathered = _tag(graph.call_function(gather_tokens, (region.stream_in, index, valid, 1, 0)), "gather")
-    region.stream_in.replace_all_uses_with(gathered, delete_user_cb=lambda user: user in inside)
-    gathered.meta.update({k: v for k, v in region.stream_in.meta.items() if k != "graphsurgeon"})
-    annotations(gathered).update({k: v for k, v in annotations(region.stream_in).items()
-                                  if k.startswith(("token_axis", "row_axis"))})
-    added = [keep, selection, index, valid, gathered]
-    added += _gather_block_side_values(graph, scale, inside, index, valid)
-    changed = generalize_axis(module, gathered, 1, scale.tokens, key="token_axis", role="depth_token_count",
-                              keep_roles=("token_side_input",), within=region.nodes)
+    _, inserted, changed = gather_inside(module, scale, region.stream_in, region.nodes, index, valid, PASS,
+                                         "depth_token_count")
+    added = [keep, selection, index, valid, *inserted]
     out = region.stream_out
     with graph.inserting_after(out):
         extra = None
@@ -378,43 +371,9 @@ def _rewrite_block(graph: torch.fx.Graph, module, scale, region: BlockRegion, de
     with graph.inserting_after(extra if extra is not None else out):
         merged = _tag(graph.call_function(merge_stream, (region.stream_in, out, index, extra)), "merge")
     out.replace_all_uses_with(merged, delete_user_cb=lambda user: user not in inside and user is not merged)
-    merged.meta.update({k: v for k, v in region.stream_in.meta.items() if k != "graphsurgeon"})
-    annotations(merged).update({k: v for k, v in annotations(region.stream_in).items()
-                                if k.startswith(("token_axis", "row_axis"))})
+    copy_token_meta(region.stream_in, merged)
     added.append(merged)
     return added, changed, merged
-
-
-def _gather_block_side_values(graph: torch.fx.Graph, scale, inside: set, index: torch.fx.Node, valid: torch.fx.Node
-                              ) -> list[torch.fx.Node]:
-    """Per-token side values (position tables) read inside the block, gathered with the block's index; the uses
-    outside the block keep the full values (another block gathers its own tokens from them)."""
-    nodes = {n.name: n for n in graph.nodes}
-    added, done = [], {}
-    for value_name, axis, meets in scale.side_values:
-        if meets not in nodes or nodes[meets] not in inside or value_name not in nodes:
-            continue
-        value, meet = nodes[value_name], nodes[meets]
-        meet_row = annotations(meet).get("row_axis")
-        if not isinstance(meet_row, int):
-            raise ConfigError(f"pass '{PASS}': scale {scale.index}: cannot tell the batch dimension where side input "
-                              f"{value_name} meets the tokens ({meets})")
-        row_axis = meet_row - (meet.meta["val"].dim() - value.meta["val"].dim())
-        key = (value, axis, row_axis)
-        if key not in done:
-            first_use = min((u for u in value.users if u in inside), key=_position(graph))
-            with graph.inserting_before(first_use):
-                done[key] = tag(graph.call_function(gather_tokens, (value, index, valid, axis, row_axis)), PASS,
-                                "gather_side_input")
-            added.append(done[key])
-        side = done[key]
-        value.replace_all_uses_with(side, delete_user_cb=lambda user: user in inside and user is not side)
-    return added
-
-
-def _position(graph: torch.fx.Graph):
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    return lambda node: order[node]
 
 
 def _rewrite_residual(graph, layers: int, grid: tuple[int, int]) -> GraphEdit:

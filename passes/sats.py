@@ -96,7 +96,7 @@ class SATS(GraphPass):
 
     name: ClassVar[str] = "sats"
     Config: ClassVar[type[PassConfig]] = SATSConfig
-    runs_before: ClassVar[tuple[str, ...]] = ("lhep", "stepvar", "depthvar", "sparvar")  # they act on the rows the guard lets through
+    runs_before: ClassVar[tuple[str, ...]] = ("lhep", "stepvar", "depthvar", "fastvar", "sparvar")  # they act on the rows the guard lets through
     provides: ClassVar[tuple[str, ...]] = ("row_selection",)
 
     def requires(self, captured) -> None:

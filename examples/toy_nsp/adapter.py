@@ -48,7 +48,7 @@ class ToyAdapter(ModelAdapter):
         residual = [ScaleSpec(si, (1, g, g), {"indices": torch.empty(batch, g, g, dtype=torch.long, device=meta),
                                               "total": torch.empty(batch, config.code_dim, last, last, device=meta)},
                               token_input=None, token_axis=None, step=_at(runner.residual_step, si),
-                              sampled_input="indices", sampled_axes=(1, 2), residual_output="residual")
+                              sampled_input="indices", sampled_axes=(1, 2), residual_output="residual", accumulated="total")
                     for si, g in enumerate(config.grids)]
         state = [StateSlot(f"{kind}{i}", "", "cache", key=f"{kind}{i}") for i in range(config.depth) for kind in "kv"]
         return CapturePlan(model=model, scales=scales, state=state, residual=residual, prepare=lambda: caching(model),

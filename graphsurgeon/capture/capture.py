@@ -43,10 +43,11 @@ class ScaleGraph:
     """Node holding the batch rows that run, when a pass selects rows."""
     logits_output: Optional[str] = None
     """The declared roles of the step (see :class:`ScaleSpec`): logits of a scale step; drawn values, their grid
-    dimensions and the residual map of a residual step."""
+    dimensions, the residual map and the accumulated latent of a residual step."""
     sampled_input: Optional[str] = None
     sampled_axes: Optional[tuple[int, int]] = None
     residual_output: Optional[str] = None
+    accumulated: Optional[str] = None
 
 
 @dataclass
@@ -294,4 +295,4 @@ def _capture_region(plan: CapturePlan, spec: ScaleSpec, device: torch.device, me
 def _roles(spec: ScaleSpec) -> dict[str, Any]:
     return dict(logits_output=spec.logits_output, sampled_input=spec.sampled_input,
                 sampled_axes=tuple(spec.sampled_axes) if spec.sampled_axes else None,
-                residual_output=spec.residual_output)
+                residual_output=spec.residual_output, accumulated=spec.accumulated)

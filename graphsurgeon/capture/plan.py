@@ -54,6 +54,9 @@ class ScaleSpec:
     """Role "residual" of a residual step: the output holding this scale's residual R_k as a (B, C, h, w) map.
     A pass that weights a scale's contribution (DepthVAR's code blending) scales R_k where it is computed, so
     every other output should be computed from the drawn values through R_k (checked by such a pass)."""
+    accumulated: Optional[str] = None
+    """Role "accumulated" of a residual step: the name of both the input and the output holding the running sum of
+    the scales' contributions (the latent the decoder reads). A pass that skips a scale passes it through."""
 
     @property
     def tokens(self) -> int:

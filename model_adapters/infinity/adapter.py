@@ -164,7 +164,8 @@ class InfinityAdapter(ModelAdapter):
                               step=make_step(si, eager.residual_step),
                               inputs={"bits": torch.empty(batch, 1, *vae_schedule[si][1:], codebook_dim, dtype=torch.uint8, **meta),
                                       "summed_codes": torch.empty(batch, codebook_dim, *vae_schedule[-1], **meta)},
-                              sampled_input="bits", sampled_axes=(2, 3), residual_output="residual")
+                              sampled_input="bits", sampled_axes=(2, 3), residual_output="residual",
+                              accumulated="summed_codes")
                     for si, (t, h, w) in enumerate(schedule[:args.n_run])]
 
         @contextlib.contextmanager

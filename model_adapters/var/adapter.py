@@ -121,7 +121,8 @@ class VARAdapter(ModelAdapter):
         residual = [ScaleSpec(index=si, grid=(1, pn, pn), step=residual_at(si), token_input=None, token_axis=None,
                               inputs={"codes": torch.empty(batch, model.Cvae, pn, pn, **meta),
                                       "f_hat": torch.empty(batch, model.Cvae, final, final, **meta)},
-                              sampled_input="codes", sampled_axes=(2, 3), residual_output="residual")
+                              sampled_input="codes", sampled_axes=(2, 3), residual_output="residual",
+                              accumulated="f_hat")
                     for si, pn in enumerate(model.patch_nums)]
         state = [StateSlot(f"kv{i}_{kind}", f"var.blocks.{i}.attn", f"cached_{kind}")
                  for i in range(len(model.blocks)) for kind in "kv"]
