@@ -370,7 +370,10 @@ def generate_checked(model, args: GenerateArgs, scale_runner: Optional[ScaleRunn
 
     bits_out: list[torch.Tensor] = []
     logits_out: list[torch.Tensor] = []
-    summed_codes = torch.zeros(B, codebook_dim, *vae_schedule[-1], device=device)
+    # channels-last like the official running sum (0 + the first upsampled codes, a permuted view): equal values,
+    # but the next scale's downsampling and embedding then round exactly as there (contiguous: ~1 ulp apart)
+    summed_codes = torch.zeros(B, codebook_dim, *vae_schedule[-1], device=device).to(
+        memory_format=torch.channels_last_3d)
     with scale_runner or EagerScaleRunner(model, args) as runner:
         for si, (_, h, w) in enumerate(schedule[:args.n_run]):
             cfg_si = args.cfg[si]
