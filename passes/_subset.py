@@ -11,12 +11,13 @@ from typing import Iterable
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 
 from graphsurgeon.capture.dynamic import generalize_axis
 from graphsurgeon.errors import ConfigError
 from graphsurgeon.meta import annotations
 from graphsurgeon.rewrite import tag
-from passes.lhep import gather_tokens
+from passes.lhep import gather_tokens, side_row_axis
 
 
 def gather_inside(module: torch.fx.GraphModule, scale, source: torch.fx.Node, part: Iterable[torch.fx.Node],
@@ -53,12 +54,8 @@ def _gather_side_values(graph: torch.fx.Graph, scale, inside: set, position: dic
     for value_name, axis, meets in scale.side_values:
         if meets not in nodes or nodes[meets] not in inside or value_name not in nodes:
             continue
-        value, meet = nodes[value_name], nodes[meets]
-        meet_row = annotations(meet).get("row_axis")
-        if not isinstance(meet_row, int):
-            raise ConfigError(f"pass '{pass_name}': scale {scale.index}: cannot tell the batch dimension where side "
-                              f"input {value_name} meets the tokens ({meets})")
-        row_axis = meet_row - (meet.meta["val"].dim() - value.meta["val"].dim())
+        value = nodes[value_name]
+        row_axis = side_row_axis(scale, value, nodes[meets], pass_name)
         key = (value, axis, row_axis)
         if key not in done:
             first_use = min((u for u in value.users if u in inside), key=position.__getitem__)
@@ -69,3 +66,15 @@ def _gather_side_values(graph: torch.fx.Graph, scale, inside: set, position: dic
         side = done[key]
         value.replace_all_uses_with(side, delete_user_cb=lambda user: user in inside and user is not side)
     return added
+
+
+def refuse_attention_masks(scale, pass_name: str, part: str) -> None:
+    """A mask the model gives its attention is made for every token of the scale; computing a subset (``part``:
+    "the kept tokens", "a block's tokens", ...) would not fit it, so such a graph is refused, naming the node."""
+    for node in scale.module.graph.nodes:
+        if node.target is not F.scaled_dot_product_attention:
+            continue
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if mask is not None:
+            raise ConfigError(f"pass '{pass_name}': attention {node.name} of scale {scale.index} has a mask made for "
+                              f"every token of the scale; it would not fit {part}")

@@ -41,7 +41,7 @@ from graphsurgeon.meta import annotations
 from graphsurgeon.passes import GraphEdit, GraphPass, PassConfig, register_pass
 from graphsurgeon.rewrite import add_input, export_form, tag
 from graphsurgeon.runner import PassRuntime
-from passes._subset import copy_token_meta, gather_inside
+from passes._subset import copy_token_meta, gather_inside, refuse_attention_masks
 from passes.lhep import select_tokens
 
 PASS = "depthvar"
@@ -241,12 +241,7 @@ def _check_scale(scale, blocks: tuple[str, ...]) -> None:
     if scale.active_rows is not None:
         raise ConfigError(f"pass '{PASS}': scale {scale.index}'s rows are selected by another pass (a row guard such "
                           f"as 'sats'); '{PASS}' needs every row's block changes and cannot run with it")
-    for node in scale.module.graph.nodes:
-        mask = (node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-                ) if node.target is F.scaled_dot_product_attention else None
-        if mask is not None:
-            raise ConfigError(f"pass '{PASS}': attention {node.name} of scale {scale.index} has a mask made for every "
-                              "token of the scale; it would not fit a block's tokens")
+    refuse_attention_masks(scale, PASS, "a block's tokens")
     block_regions(scale.module.graph, blocks, scale.index, PASS)
 
 

@@ -36,7 +36,7 @@ from graphsurgeon.meta import annotations
 from graphsurgeon.passes import GraphEdit, GraphPass, PassConfig, register_pass
 from graphsurgeon.rewrite import add_input, export_form, tag
 from graphsurgeon.runner import PassRuntime
-from passes._subset import gather_inside
+from passes._subset import gather_inside, refuse_attention_masks
 
 PASS = "fastvar"
 RELEASED_DENSE = (3 / 32, 4 / 32)
@@ -150,12 +150,7 @@ class FastVAR(GraphPass):
             scale = captured.scales[k]
             if scale.token_input is None or scale.tokens != scale.grid[-2] * scale.grid[-1]:
                 raise ConfigError(f"pass '{PASS}': scale {k} needs a token input on one 2-D grid, has {scale.grid}")
-            for node in scale.module.graph.nodes:
-                mask = (node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-                        ) if node.target is F.scaled_dot_product_attention else None
-                if mask is not None:
-                    raise ConfigError(f"pass '{PASS}': attention {node.name} of scale {k} has a mask made for every "
-                                      "token of the scale; it would not fit a sub-layer's tokens")
+            refuse_attention_masks(scale, PASS, "a sub-layer's tokens")
         if captured.scales[cache].active_rows is not None:
             raise ConfigError(f"pass '{PASS}': a row guard drops rows at the cache scale {cache}; every row's "
                               "sub-layer outputs are needed there")

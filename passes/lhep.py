@@ -341,12 +341,8 @@ def gather_side_values(scale, graph: torch.fx.Graph, index: torch.fx.Node, valid
         if value_name in done or value_name not in nodes:
             continue
         done.add(value_name)
-        value, meet = nodes[value_name], nodes[meets]
-        meet_row = annotations(meet).get("row_axis")
-        if not isinstance(meet_row, int):
-            raise ConfigError(f"pass '{pass_name}': scale {scale.index}: cannot tell the batch dimension where side "
-                              f"input {value_name} meets the tokens ({meets})")
-        row_axis = meet_row - (meet.meta["val"].dim() - value.meta["val"].dim())
+        value = nodes[value_name]
+        row_axis = side_row_axis(scale, value, nodes[meets], pass_name)
         expression = (_expression(value, mutated, expressions), axis, row_axis)
         side = gathered_by_expression.get(expression) if expression[0] is not None else None
         if side is None:
@@ -357,6 +353,16 @@ def gather_side_values(scale, graph: torch.fx.Graph, index: torch.fx.Node, valid
             added.append(side)
         value.replace_all_uses_with(side, delete_user_cb=lambda user: user is not side)
     return added
+
+
+def side_row_axis(scale, value: torch.fx.Node, meet: torch.fx.Node, pass_name: str) -> int:
+    """The batch dimension of side value ``value``, read where it meets the tokens (``meet``, annotated
+    ``row_axis``); negative when the value lacks leading dimensions the tokens have."""
+    meet_row = annotations(meet).get("row_axis")
+    if not isinstance(meet_row, int):
+        raise ConfigError(f"pass '{pass_name}': scale {scale.index}: cannot tell the batch dimension where side "
+                          f"input {value.name} meets the tokens ({meet.name})")
+    return meet_row - (meet.meta["val"].dim() - value.meta["val"].dim())
 
 
 def _fill_token_validity(graph: torch.fx.Graph, valid: torch.fx.Node) -> None:

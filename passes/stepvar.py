@@ -37,6 +37,7 @@ from graphsurgeon.meta import annotations
 from graphsurgeon.passes import GraphEdit, GraphPass, PassConfig, register_pass
 from graphsurgeon.rewrite import export_form, tag
 from graphsurgeon.runner import PassRuntime
+from passes._subset import refuse_attention_masks
 from passes.lhep import fixed_keep_mask, gather_side_values, gather_tokens, select_tokens
 
 PASS = "stepvar"
@@ -172,12 +173,7 @@ class StepVAR(GraphPass):
                 raise ConfigError(f"pass '{PASS}': scale {scale.index}'s token input {scale.token_input!r} has shape "
                                   f"{tuple(value.shape)} with token axis {scale.token_axis}; it must be (rows, "
                                   f"{scale.tokens}, C)")
-            for node in scale.module.graph.nodes:
-                mask = (node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-                        ) if node.target is F.scaled_dot_product_attention else None
-                if mask is not None:
-                    raise ConfigError(f"pass '{PASS}': attention {node.name} of scale {scale.index} has a mask made "
-                                      "for every token of the scale; it would not fit the kept tokens")
+            refuse_attention_masks(scale, PASS, "the kept tokens")
 
     def rewrite(self, captured) -> list[GraphEdit]:
         acting = self.scales(len(captured.scales))
