@@ -113,7 +113,7 @@ def test_bad_settings_name_the_key(values, needle):
 @pytest.mark.parametrize("values, needle", [
     (dict(operating_point="fastest"), "operating_point 'fastest'"),
     (dict(keep_fraction={3: 0.5}), "names scales \\[3\\] but LHEP acts on"),
-    (dict(pass_sets=("lhep+fastvar",)), "unknown pass"),
+    (dict(pass_sets=("lhep+nope",)), "unknown pass"),
     (dict(device="cuda"), "CUDA is not available") if not torch.cuda.is_available() else (dict(device="nope"), "nope"),
     (dict(dtype="bfloat16"), "bfloat16 on CUDA"),
 ])

@@ -69,7 +69,7 @@ def a_file(tmp_path) -> Path:
     (["bench", *TINY, "--pass-config", "{lhep"], "not valid JSON"),
     (["bench", *TINY, "--out", "out/bench.json"], "give a stem"),
     (["diff", *TINY, "--out", "d.txt"], "must end in .html, .md, .json"),
-    (["diff", *TINY, "--passes", "lhep,fastvar", "--out", "d.html"], "unknown pass(es) ['fastvar']"),
+    (["diff", *TINY, "--passes", "lhep,nope", "--out", "d.html"], "unknown pass(es) ['nope']"),
 ])
 def test_bad_arguments_fail_before_work(capsys, argv, needle):
     assert needle in fails_cleanly(capsys, argv)
