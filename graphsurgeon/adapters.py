@@ -96,6 +96,12 @@ class ModelAdapter(abc.ABC):
         ``graphsurgeon compare``. Default: the family is not comparable."""
         raise ConfigError(f"adapter {self.name!r} does not expose its outputs for comparison (no output_view)")
 
+    def preview_decoder(self, model: Any, args: Any) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """For a pass that looks at pictures mid-generation (SkipVAR): the decoder of this checked call, accumulated
+        latent (as the residual step's ``accumulated`` holds it) -> pictures (B, 3, H, W), or None when the call
+        carries no decoder (``OptimizedModel.decoder`` can give one). Default: None."""
+        return None
+
     def forced_args(self, generate_kwargs: dict[str, Any], reference: OutputView) -> dict[str, Any]:
         """``generate_kwargs`` forcing every scale to ``reference``'s drawn values and returning the guided logits
         (teacher forcing). Default: the family is not comparable."""

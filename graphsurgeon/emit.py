@@ -38,6 +38,7 @@ class OptimizedModel:
         self._stats_lock = threading.Lock()
         self.extra_runtimes: list = []  # observers that change nothing (e.g. a FLOP counter)
         self.runner_wrappers: list = []  # callables runner -> runner that only observe (e.g. a per-scale timer)
+        self.decoder = None  # a picture decoder for passes that look at pictures (else the adapter's preview_decoder)
         self.last_flops: Optional[dict] = None
 
     def capture(self, **generate_kwargs: Any) -> CapturedModel:
@@ -80,6 +81,9 @@ class OptimizedModel:
         with_runtime = [(p, p.runtime(captured)) for p in self.passes]
         passes = [p for p, runtime in with_runtime if runtime is not None]
         runtimes = [runtime for _, runtime in with_runtime if runtime is not None]
+        decoder = self.decoder or self.adapter.preview_decoder(self.model, args)
+        for runtime in runtimes:
+            runtime.decoder = decoder
         runner = GraphRunner(captured, runtimes + list(self.extra_runtimes))
         for wrap in list(self.runner_wrappers):
             runner = wrap(runner)
@@ -156,7 +160,8 @@ def _summary(captured: CapturedModel, per_pass: dict[str, list[dict]]) -> list[d
 
     ``work_vs_baseline`` is what ran (padding included); ``work_vs_baseline_unpadded`` is what an unpadded run
     would compute, the FLOP ideal. A running row is every conditional row plus each unconditional row SATS
-    still runs; without CFG, one row per sample. A scale a pass skipped computes nothing.
+    still runs (none for a sample a pass halted); without CFG, one row per sample. A scale a pass skipped computes
+    nothing.
     """
     selected = stats_entries_with(per_pass, "kept")  # the token-selecting pass (at most one: passes declare `provides`)
     guarded = stats_entries_with(per_pass, "uncond_ran")  # the row-selecting pass
@@ -172,7 +177,8 @@ def _summary(captured: CapturedModel, per_pass: dict[str, list[dict]]) -> list[d
         width = pruned.get("width") or max(kept)  # the padded token count every running row computes
         guard = guarded.get(scale.index, {})
         uncond = guard.get("uncond_ran", [batch is not None] * samples)
-        sample_rows = [1 + int(u) for u in uncond]
+        halted = guard.get("halted") or [False] * samples  # a sample none of whose rows ran (SkipVAR's skip)
+        sample_rows = [0 if h else 1 + int(u) for u, h in zip(uncond, halted)]
         kept_rows = 0 if scale.index in skipped else sum(k * r for k, r in zip(kept, sample_rows))
         computed = 0 if scale.index in skipped else width * sum(sample_rows)
         baseline = scale.tokens * rows

@@ -195,6 +195,7 @@ def run_generate(job: GenerateJob, log: Callable[[str], None] = print) -> dict[s
     pipeline = plan.adapter.image_pipeline(sources)
     context = plan.adapter.precision(pipeline.model, plan.dtype)
     fast = optimize(pipeline.model, adapter=plan.adapter, passes=job.passes, config=job.pass_config or None)
+    fast.decoder = pipeline.preview_decoder()  # passes that look at pictures mid-generation see the real decoder
     if rank == 0:
         for note in pipeline.notes:
             log(f"note: {note}")

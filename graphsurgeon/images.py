@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,11 @@ class ImagePipeline(abc.ABC):
     @abc.abstractmethod
     def images(self, output: Any) -> torch.Tensor:
         """The sampler's output decoded: uint8 (B, H, W, 3), RGB."""
+
+    def preview_decoder(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """The decoder as a pass that looks at pictures mid-generation needs it (SkipVAR): accumulated latent ->
+        the decoder's own pictures (B, 3, H, W). Default: None."""
+        return None
 
 
 def image_seeds(seed: int, count: int) -> list[int]:

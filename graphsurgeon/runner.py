@@ -125,6 +125,9 @@ class PassRuntime:
     """
 
     stats: list[dict]
+    decoder: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    """The call's picture decoder (accumulated latent -> (B, 3, H, W)) when it has one (set by the optimized model
+    before the call; see ``ModelAdapter.preview_decoder``); None otherwise."""
 
     def __init__(self) -> None:
         self.stats = []
@@ -135,6 +138,11 @@ class PassRuntime:
 
     def observe(self, graph: ScaleGraph, region: str, outputs: dict[str, torch.Tensor]) -> None:
         """Read what ``graph`` returned (all of its outputs by name, the ones the pass added included)."""
+
+    def answer(self, graph: ScaleGraph, region: str, device: torch.device) -> Optional[dict[str, torch.Tensor]]:
+        """Outputs for a step this pass knows computes nothing (e.g. no batch row runs at a scale step): the graph
+        is then not run and the state between scales stays as it is. None (the default): run the graph."""
+        return None
 
     def guide(self, index: int, logits: torch.Tensor, batch: int, rule: GuidanceRule) -> Optional[torch.Tensor]:
         """Take over the guidance of scale ``index`` (e.g. when some unconditional rows did not run), or None."""
@@ -163,9 +171,14 @@ class GraphRunner(ScaleRunner):
     def scale(self, index: int, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         graph = self.captured.scales[index]
         values = self._inputs(graph, "scale", inputs)
-        values.update({name: self.state[name] for name in graph.state_inputs})
-        outputs = dict(zip(graph.output_names + graph.state_outputs, graph.module(**values)))
-        self.state = {name: outputs.pop(name) for name in graph.state_outputs}
+        device = _device(inputs)
+        answered = next((a for a in (r.answer(graph, "scale", device) for r in self.runtimes) if a is not None), None)
+        if answered is not None:
+            outputs = dict(answered)
+        else:
+            values.update({name: self.state[name] for name in graph.state_inputs})
+            outputs = dict(zip(graph.output_names + graph.state_outputs, graph.module(**values)))
+            self.state = {name: outputs.pop(name) for name in graph.state_outputs}
         for runtime in self.runtimes:
             runtime.observe(graph, "scale", outputs)
         return outputs
@@ -188,10 +201,9 @@ class GraphRunner(ScaleRunner):
 
     def _inputs(self, graph: ScaleGraph, region: str, given: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The sampler's inputs the graph declares, plus the passes' inputs; a missing one is named."""
-        device = next((v.device for v in given.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
         values: dict[str, Any] = {}
         for runtime in self.runtimes:
-            values.update(runtime.inputs(graph, region, device))
+            values.update(runtime.inputs(graph, region, _device(given)))
         declared = [name for name in graph.input_names if name not in values]
         missing = [name for name in declared if name not in given]
         if missing:
@@ -199,3 +211,8 @@ class GraphRunner(ScaleRunner):
                                    f"plan declares the input(s) {missing}")
         values.update({name: given[name] for name in declared})
         return values
+
+
+def _device(given: dict[str, Any]) -> torch.device:
+    """Where the sampler's inputs live (the first tensor's device; CPU without one)."""
+    return next((v.device for v in given.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))

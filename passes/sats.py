@@ -142,6 +142,35 @@ class SATS(GraphPass):
 
 
 def _rewrite_scale(scale, batch: int, with_discrepancy: bool) -> GraphEdit:
+    guard, active, changed, selected = insert_row_guard(scale, batch, "sats")
+    graph = scale.module.graph
+    output_node = next(n for n in reversed(graph.nodes) if n.op == "output")
+    values = list(output_node.args[0])
+    n_state = len(scale.state_outputs)
+    extras, names = [active], ["sats_active_rows"]
+    if with_discrepancy:
+        logits = values[scale.output_names.index(scale.logits_output)]
+        with graph.inserting_before(output_node):
+            delta = graph.call_function(guard_discrepancy, (logits, active, batch, None))
+        annotate(delta, **{"pass": "sats", "role": "branch_discrepancy", TOKEN_VALIDITY_ARG: 3})
+        extras.append(delta)
+        names.append("sats_delta")
+    output_node.args = (tuple(values[:len(values) - n_state] + extras + values[len(values) - n_state:]),)
+    scale.output_names = scale.output_names + names
+    graph.lint()
+    scale.module.recompile()
+    return GraphEdit("sats", "scale", scale.index, added=(guard.name, *(n.name for n in extras), *selected),
+                     rewired=tuple(scale.row_inputs) + tuple(scale.packed_inputs or ()) + tuple(scale.state_inputs),
+                     generalized=tuple(changed))
+
+
+def insert_row_guard(scale, batch: int, pass_name: str, halting: bool = False
+                     ) -> tuple[torch.fx.Node, torch.fx.Node, list[str], list[str]]:
+    """The CFG-row guard at the entry of ``scale`` for ``pass_name``: inputs ``<pass>_stopped`` (B,) (samples
+    whose unconditional row no longer runs), with ``halting`` also ``<pass>_halted`` (B,) (samples none of whose
+    rows run), and ``<pass>_cache_rows`` (the rows the KV caches hold); every per-row input, packed input and
+    cache read through the guard; batch-row literals made generic; per-row constants selected. Returns (guard,
+    running rows, generalized nodes, selected constants)."""
     module = scale.module
     graph = module.graph
     placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
@@ -152,11 +181,17 @@ def _rewrite_scale(scale, batch: int, with_discrepancy: bool) -> GraphEdit:
     none_stopped = torch.zeros(batch, dtype=torch.bool)
     first_stopped = none_stopped.clone()
     first_stopped[0] = True  # export checks the guard with every row running, then with a row dropped
-    stopped = add_input(graph, "sats_stopped", last, "sats", "guard_input", [none_stopped, first_stopped])
-    cache_rows = add_input(graph, "sats_cache_rows", stopped, "sats", "guard_input", [torch.arange(2 * batch)])
+    stopped = add_input(graph, f"{pass_name}_stopped", last, pass_name, "guard_input", [none_stopped, first_stopped])
+    flags, names = [stopped], [f"{pass_name}_stopped"]
+    if halting:
+        halted = add_input(graph, f"{pass_name}_halted", stopped, pass_name, "guard_input", [none_stopped, none_stopped])
+        flags.append(halted)
+        names.append(f"{pass_name}_halted")
+    cache_rows = add_input(graph, f"{pass_name}_cache_rows", flags[-1], pass_name, "guard_input", [torch.arange(2 * batch)])
     with graph.inserting_after(cache_rows):
-        guard = graph.call_function(cfg_branch_guard, (stopped, cache_rows, batch, tuple(rows), tuple(packed), tuple(caches)))
-    annotate(guard, **{"pass": "sats", "role": "cfg_branch_guard"})
+        guard = graph.call_function(cfg_branch_guard, (stopped, cache_rows, batch, tuple(rows), tuple(packed),
+                                                       tuple(caches), *flags[1:]))
+    annotate(guard, **{"pass": pass_name, "role": "cfg_branch_guard"})
     outputs, previous = {}, guard
     for i, original in enumerate(["active"] + rows + packed + caches):
         with graph.inserting_after(previous):
@@ -171,7 +206,7 @@ def _rewrite_scale(scale, batch: int, with_discrepancy: bool) -> GraphEdit:
         else:
             active = item
             scale.active_rows = item.name
-        annotate(item, **{"pass": "sats", "role": "guarded_input"})
+        annotate(item, **{"pass": pass_name, "role": "guarded_input"})
     tokens_rows = outputs[rows[0].name]
     rows_extent = rows[0].meta["val"].shape[0]
     propagate_axis(graph, tokens_rows, 0, rows_extent, key="row_axis")
@@ -182,28 +217,12 @@ def _rewrite_scale(scale, batch: int, with_discrepancy: bool) -> GraphEdit:
         propagate_axis(graph, packed_values, 0, packed_extent, key="packed_row_axis")
         changed += generalize_axis(module, packed_values, 0, packed_extent, key="packed_row_axis",
                                    role="packed_row_count")
-    selected = _select_row_constants(module, rows_extent, active, scale.index)
-    output_node = next(n for n in reversed(graph.nodes) if n.op == "output")
-    values = list(output_node.args[0])
-    n_state = len(scale.state_outputs)
-    extras, names = [active], ["sats_active_rows"]
-    if with_discrepancy:
-        logits = values[scale.output_names.index(scale.logits_output)]
-        with graph.inserting_before(output_node):
-            delta = graph.call_function(guard_discrepancy, (logits, active, batch, None))
-        annotate(delta, **{"pass": "sats", "role": "branch_discrepancy", TOKEN_VALIDITY_ARG: 3})
-        extras.append(delta)
-        names.append("sats_delta")
-    output_node.args = (tuple(values[:len(values) - n_state] + extras + values[len(values) - n_state:]),)
-    scale.output_names = scale.output_names + names
-    scale.input_names = scale.input_names + ["sats_stopped", "sats_cache_rows"]
-    graph.lint()
-    module.recompile()
-    return GraphEdit("sats", "scale", scale.index, added=(guard.name, *(n.name for n in extras), *selected),
-                     rewired=tuple(n.name for n in rows + packed + caches), generalized=tuple(changed))
+    selected = _select_row_constants(module, rows_extent, active, scale.index, pass_name)
+    scale.input_names = scale.input_names + names + [f"{pass_name}_cache_rows"]
+    return guard, active, changed, selected
 
 
-def _select_row_constants(module, rows: int, active: torch.fx.Node, scale_index: int) -> list[str]:
+def _select_row_constants(module, rows: int, active: torch.fx.Node, scale_index: int, pass_name: str) -> list[str]:
     """Constants made for the full batch (e.g. a per-token index built with ``torch.ones((rows, n))``) get the
     running rows selected like any per-row input; any other constant sized by the batch is refused."""
     selected = []
@@ -215,14 +234,14 @@ def _select_row_constants(module, rows: int, active: torch.fx.Node, scale_index:
             continue
         feeds_side_input = all(annotations(user).get("role") == "token_side_input" for user in node.users)
         if annotations(node).get("role") != "token_side_input" and not feeds_side_input:
-            raise ConfigError(f"pass 'sats': scale {scale_index} uses constant '{node.target}' of shape "
+            raise ConfigError(f"pass '{pass_name}': scale {scale_index} uses constant '{node.target}' of shape "
                               f"{tuple(value.shape)} made for {rows} batch rows; the guard cannot drop its rows")
         with module.graph.inserting_after(node):
             picked = module.graph.call_method("index_select", (node, 0, active))
         node.replace_all_uses_with(picked, delete_user_cb=lambda user: user is not picked)
         picked.meta.update({k: v for k, v in node.meta.items() if k != "graphsurgeon"})
         annotations(picked).update(annotations(node))
-        annotate(picked, **{"pass": "sats", "role": "guarded_constant"})
+        annotate(picked, **{"pass": pass_name, "role": "guarded_constant"})
         selected.append(picked.name)
     return selected
 
@@ -271,18 +290,21 @@ class SATSRuntime(PassRuntime):
 
 
 # -- nodes the rewrite inserts ----------------------------------------------------------------------------
-def running_rows(stopped: torch.Tensor, batch: int) -> torch.Tensor:
-    """Rows that run: every conditional row, then the unconditional row of each sample still guided."""
-    conditional = torch.arange(batch, device=stopped.device)
-    return torch.cat([conditional, batch + (~stopped).nonzero().flatten()])
+def running_rows(stopped: torch.Tensor, batch: int, halted: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows that run: the conditional row of every sample not halted, then the unconditional row of each sample
+    neither stopped nor halted (ascending)."""
+    if halted is None:
+        conditional = torch.arange(batch, device=stopped.device)
+        return torch.cat([conditional, batch + (~stopped).nonzero().flatten()])
+    return torch.cat([(~halted).nonzero().flatten(), batch + (~(stopped | halted)).nonzero().flatten()])
 
 
 def cfg_branch_guard(stopped: torch.Tensor, cache_rows: torch.Tensor, batch: int, rows: tuple, packed: tuple,
-                     caches: tuple) -> tuple:
+                     caches: tuple, halted: Optional[torch.Tensor] = None) -> tuple:
     """Select the running rows of every per-row input, the packed input and the caches (whose rows are
     ``cache_rows``, the previous scale's running rows). Returns (running rows, *rows, *packed, *caches);
-    when every row runs, the inputs come back untouched."""
-    active = running_rows(stopped, batch)
+    when every row runs, the inputs come back untouched. ``halted``: samples none of whose rows run."""
+    active = running_rows(stopped, batch, halted)
     if active.numel() == 2 * batch and cache_rows.numel() == 2 * batch:
         return (active, *rows, *packed, *caches)
     selected_rows = tuple(t.index_select(0, active) for t in rows)
@@ -293,7 +315,9 @@ def cfg_branch_guard(stopped: torch.Tensor, cache_rows: torch.Tensor, batch: int
         selected_caches = caches  # the caches already hold exactly the running rows (every scale after a stop)
     else:
         positions = [previous.index(r) for r in running]
-        if positions == list(range(positions[0], positions[0] + len(positions))):  # e.g. every uncond row stopped
+        if not positions:  # no row runs (every sample halted): empty caches
+            selected_caches = tuple(c.narrow(0, 0, 0) for c in caches)
+        elif positions == list(range(positions[0], positions[0] + len(positions))):  # e.g. every uncond row stopped
             selected_caches = tuple(c.narrow(0, positions[0], len(positions)) for c in caches)  # a view, no copy
         else:
             index = torch.tensor(positions, device=active.device)
@@ -310,14 +334,15 @@ def _select_packed(packed: tuple, running: list[int]) -> tuple:
     segments = [torch.arange(bounds[r], bounds[r + 1], device=values.device) for r in running]
     new_offsets = torch.tensor(list(itertools.accumulate((bounds[r + 1] - bounds[r] for r in running), initial=0)),
                                dtype=offsets.dtype, device=offsets.device)
-    return values.index_select(0, torch.cat(segments)), new_offsets
+    index = torch.cat(segments) if segments else torch.zeros(0, dtype=torch.long, device=values.device)
+    return values.index_select(0, index), new_offsets
 
 
 @export_form(cfg_branch_guard)
 def cfg_branch_guard_traceable(stopped: torch.Tensor, cache_rows: torch.Tensor, batch: int, rows: tuple, packed: tuple,
-                               caches: tuple) -> tuple:
+                               caches: tuple, halted: Optional[torch.Tensor] = None) -> tuple:
     """:func:`cfg_branch_guard` in tensor operations only (no host copies, no shortcut), for torch.export / ONNX."""
-    active = running_rows(stopped, batch)
+    active = running_rows(stopped, batch, halted)
     cache_position = (cache_rows[None, :] == active[:, None]).to(torch.int8).argmax(dim=1)
     return (active, *(t.index_select(0, active) for t in rows), *_select_packed_traceable(packed, active),
             *(c.index_select(0, cache_position) for c in caches))
@@ -347,11 +372,17 @@ def guard_discrepancy(logits: torch.Tensor, active: torch.Tensor, batch: int,
 
 
 def guided_mix(logits: torch.Tensor, active: torch.Tensor, batch: int, rule: GuidanceRule) -> torch.Tensor:
-    """Guidance of the running rows ``active``: the sampler's ``rule(cond, uncond)`` for the samples whose two
-    branches ran, the conditional logits for the others."""
+    """Guidance of the running rows ``active`` (ascending): the sampler's ``rule(cond, uncond)`` for the samples
+    whose two branches ran, the conditional logits for those whose conditional row alone ran, zeros for samples
+    none of whose rows ran (a halted sample draws from them, and nothing it draws is used)."""
     if logits.shape[0] == 2 * batch:
         return rule(logits[:batch], logits[batch:])
-    mixed = logits[:batch].clone()
-    running = active[batch:] - batch
-    mixed[running] = rule(logits[:batch].index_select(0, running), logits[batch:]).to(mixed.dtype)
+    conditional = active < batch
+    samples = active[conditional]
+    mixed = logits.new_zeros(batch, *logits.shape[1:])
+    mixed[samples] = logits[conditional]
+    both = active[~conditional] - batch  # samples whose unconditional row ran (their conditional row ran too)
+    if both.numel():
+        cond = logits[conditional][torch.searchsorted(samples, both)]
+        mixed[both] = rule(cond, logits[~conditional]).to(mixed.dtype)
     return mixed

@@ -66,6 +66,16 @@ class InfinityPipeline(ImagePipeline):
     def images(self, output: Any) -> torch.Tensor:
         return decode_to_images(self.vae, output.summed_codes)
 
+    def preview_decoder(self):
+        """Summed codes (B, d, 1, h, w) -> the VAE's pictures in [-1, 1], as the official SkipVAR decodes them."""
+        weight = self.vae.decoder.conv_in.conv.weight
+
+        def decode(summed_codes: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                z = summed_codes.squeeze(-3).to(device=weight.device, dtype=weight.dtype)
+                return self.vae.decode(z).float().to(summed_codes.device)
+        return decode
+
 
 def image_pipeline(sources: ImageSources) -> InfinityPipeline:
     """Load (or make) the three parts; random stand-ins are named in ``notes``."""

@@ -19,7 +19,7 @@ from graphsurgeon.images import ImagePipeline, ImageSources
 from graphsurgeon.runner import ScaleRunner
 
 from .builder import build_var
-from .sampler import (EagerRunner, VARGenerateArgs, VAROutput, generate_checked, kv_caching, model_device,
+from .sampler import (EagerRunner, VARGenerateArgs, VAROutput, decode, generate_checked, kv_caching, model_device,
                       residual_step, scale_step, validate_generate_args)
 from .vqvae import build_var_vqvae
 
@@ -68,6 +68,10 @@ class VARAdapter(ModelAdapter):
     def output_view(self, output: VAROutput) -> OutputView:
         """Indices per scale, f_hat, and the guided logits over the codebook."""
         return OutputView(drawn=output.indices, latent=output.f_hat, choices=output.logits)
+
+    def preview_decoder(self, model: Any, call: VARCall):
+        """The call's VQVAE: f_hat -> pictures in [0, 1] (what SkipVAR's features read)."""
+        return lambda f_hat: decode(call.vae, f_hat)
 
     def forced_args(self, generate_kwargs: dict[str, Any], reference: OutputView) -> dict[str, Any]:
         return {**generate_kwargs, "force_indices": reference.drawn, "return_logits": True}

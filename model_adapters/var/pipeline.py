@@ -50,6 +50,10 @@ class VARPipeline(ImagePipeline):
         """As the official demo saves them: [0, 1] images times 255, truncated to uint8, channels last."""
         return decode(self.vae, output.f_hat).mul(255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
+    def preview_decoder(self):
+        """f_hat -> pictures in [0, 1] (the adapter's preview decoder, from this pipeline's VQVAE)."""
+        return lambda f_hat: decode(self.vae, f_hat)
+
 
 def image_pipeline(sources: ImageSources) -> VARPipeline:
     name = sources.config or "var-tiny"
