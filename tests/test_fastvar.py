@@ -250,3 +250,16 @@ def test_token_selecting_passes_are_refused_with_it(toy):
     for other, what in (("lhep", "token_selection"), ("depthvar", "token_selection"), ("sparvar", "attention_pattern")):
         with pytest.raises(ConfigError, match=f"both provide '{what}'"):
             optimize(toy, adapter=ToyAdapter(), passes=["fastvar", other])
+
+
+def test_a_sample_alone_keeps_what_it_kept_in_its_batch():
+    adapter = get_adapter("var")
+    model = adapter.build_model("var-tiny", device="cpu", seed=0)
+    vae = adapter.benchmark_args(model, batch_size=3, seed=1)["vae"]
+    kwargs = {"vae": vae, "labels": LABELS, "cfg": 4.0, "top_k": 900, "top_p": 0.95, "seed": 11, "return_logits": True}
+    together = optimize(model, adapter="var", passes=["fastvar"]).generate(**kwargs)
+    for row in (0, 2):  # alone, teacher-forced to the batch's indices: the same selections, the same logits
+        alone = optimize(model, adapter="var", passes=["fastvar"]).generate(
+            **{**kwargs, "labels": LABELS[row:row + 1], "force_indices": [i[row:row + 1] for i in together.indices]})
+        for ours, ref in zip(alone.logits, together.logits):
+            assert ((ours[0] - ref[row]).norm() / ref[row].norm()).item() < 1e-4
