@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from graphsurgeon.errors import ConfigError
+from graphsurgeon.meta import annotations
 from graphsurgeon.passes import GraphEdit, GraphPass, PassConfig, register_pass
 from graphsurgeon.rewrite import add_input, tag
 from graphsurgeon.runner import GuidanceRule, PassRuntime
@@ -225,9 +226,24 @@ class SkipVAR(GraphPass):
         return edits
 
     def runtime(self, captured) -> "SkipVARRuntime":
+        """Also refuses passes that added outputs to the scale steps SkipVAR may answer without running them (when
+        every sample is halted those outputs would not exist)."""
         decision, preview, acting = self.plan(captured)
+        for k in acting:
+            scale = captured.scales[k]
+            others = sorted({annotations(n)["pass"] for n in _outputs(scale) if annotations(n).get("pass") not in (None, PASS)})
+            if others:
+                raise ConfigError(f"pass '{PASS}' cannot run with {others}: they add outputs to scale {k}, which is not run "
+                                  "when every sample is halted there")
         rules = load_rules(self.config.coefficients) if self.config.coefficients else None
         return SkipVARRuntime(captured, self.config, rules, decision, tuple(captured.scales[preview].grid[-2:]), acting)
+
+
+def _outputs(scale) -> list[torch.fx.Node]:
+    """The step's own outputs (the state outputs aside)."""
+    output = next(n for n in reversed(scale.module.graph.nodes) if n.op == "output")
+    values = list(output.args[0])
+    return [v for v in values[:len(values) - len(scale.state_outputs)] if isinstance(v, torch.fx.Node)]
 
 
 def _index(value: int, count: int, key: str) -> int:
@@ -343,8 +359,8 @@ class SkipVARRuntime(PassRuntime):
         graph is not run: a graph of zero rows is not something every model's code can take)."""
         if region != "scale" or graph.index not in self.acting or not bool(self.flags(graph.index)[1].all()):
             return None
-        output = next(n for n in reversed(graph.module.graph.nodes) if n.op == "output")
-        logits = output.args[0][graph.output_names.index(graph.logits_output)].meta["val"]
+        logits = next(n for n in graph.module.graph.nodes if annotations(n).get("output") == graph.logits_output
+                      ).meta["val"]  # the captured logits (a pass may have put a node of its own after them)
         return {graph.logits_output: torch.zeros(0, *logits.shape[1:], dtype=logits.dtype, device=device),
                 "skipvar_active_rows": torch.zeros(0, dtype=torch.long)}
 

@@ -229,6 +229,7 @@ def test_a_rules_file_replaces_the_thresholds_and_pickles_are_refused(toy, tmp_p
     (["skipvar"], {"skipvar": {"decision_scale": -1}}, "must have a scale before it and one after it"),
     (["skipvar"], {"skipvar": {"skip_below": (0.1, 0.2, 0.0)}}, "must not increase"),
     (["skipvar", "depthvar"], {}, "row guard"),
+    (["lhep", "skipvar"], {}, r"cannot run with \['lhep'\]: they add outputs to scale 4"),
 ])
 def test_refusals(toy, passes, config, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -267,3 +268,14 @@ def test_with_the_pipelines_decoder_the_features_come_from_pictures():
 
     pictures = [pipeline.vae.decode(resize_latent(summed[k], (4, 4)).squeeze(-3)) for k in (3, 2)]  # scale 2: 4x4
     assert decision["features"][0] == pytest.approx(decision_features(*pictures)[0].tolist(), rel=1e-5)
+
+
+def test_it_composes_with_fastvar():
+    adapter = get_adapter("infinity")
+    model = adapter.build_model("infinity-tiny", device="cpu", seed=0)
+    kwargs = adapter.benchmark_args(model, batch_size=2, pn="0.06M")  # FastVAR: cache 2, pruned 3 and 4
+    both = optimize(model, passes=["fastvar", "skipvar"], config={"skipvar": {"skip_below": (10.0, 10.0, 10.0)}})
+    out = both.generate(**kwargs)
+    alone = optimize(model, passes=["fastvar"]).generate(**{**kwargs, "num_scales": 4})
+    assert torch.equal(out.summed_codes, alone.summed_codes)
+    assert [e["kept_per_sublayer"] for e in both.stats["fastvar"]][3] == 22
