@@ -182,10 +182,10 @@ def _summary(captured: CapturedModel, per_pass: dict[str, list[dict]]) -> list[d
         kept_rows = 0 if scale.index in skipped else sum(k * r for k, r in zip(kept, sample_rows))
         computed = 0 if scale.index in skipped else width * sum(sample_rows)
         baseline = scale.tokens * rows
-        per_sample = [{"tokens_computed": k, "padding_per_row": width - k, "uncond_ran": bool(u),
+        per_sample = [{"tokens_computed": 0 if h else k, "padding_per_row": 0 if h else width - k, "uncond_ran": bool(u),
                        "delta": (guard.get("delta") or [None] * samples)[i],
                        "gamma": (guard.get("gamma") or [None] * samples)[i]}
-                      for i, (k, u) in enumerate(zip(kept, uncond))]
+                      for i, (k, u, h) in enumerate(zip(kept, uncond, halted))]
         summary.append({"scale": scale.index, "tokens": scale.tokens, "width": width, "rows": sum(sample_rows),
                         "samples": per_sample, "token_rows": computed, "token_rows_kept": kept_rows,
                         "token_rows_padding": computed - kept_rows, "token_rows_baseline": baseline,

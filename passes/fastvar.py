@@ -148,8 +148,9 @@ class FastVAR(GraphPass):
                               "(CapturePlan.blocks)")
         for k in (cache, *ratios):
             scale = captured.scales[k]
-            if scale.token_input is None or scale.tokens != scale.grid[-2] * scale.grid[-1]:
-                raise ConfigError(f"pass '{PASS}': scale {k} needs a token input on one 2-D grid, has {scale.grid}")
+            if scale.token_input is None or scale.token_axis != 1 or scale.tokens != scale.grid[-2] * scale.grid[-1]:
+                raise ConfigError(f"pass '{PASS}': scale {k} needs a token input with its tokens on axis 1 of one 2-D "
+                                  f"grid (token axis {scale.token_axis}, grid {scale.grid})")
             refuse_attention_masks(scale, PASS, "a sub-layer's tokens")
         if captured.scales[cache].active_rows is not None:
             raise ConfigError(f"pass '{PASS}': a row guard drops rows at the cache scale {cache}; every row's "

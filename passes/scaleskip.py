@@ -7,7 +7,8 @@ reported apart from the method it accompanied, and combined with any method whos
 
 At a skipped scale the scale step computes nothing: its logits are zeros (the sampler still draws from them, so its
 loop is unchanged) and its state (the KV caches) passes through; the residual step passes the accumulated latent
-(the declared ``accumulated`` input) through unchanged, so nothing drawn at a skipped scale reaches the output.
+(the declared ``accumulated`` input) through unchanged, so nothing drawn at a skipped scale reaches the latent (the
+sampler still returns those draws with its per-scale outputs).
 ``last=0`` skips nothing (no edit).
 """
 from __future__ import annotations
@@ -32,8 +33,8 @@ class ScaleSkipConfig(PassConfig):
 
 
 def skipped_logits(tokens: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Zero logits for every row that runs (the rows of ``tokens``): ``shape`` is one row's (tokens, V)."""
-    return torch.zeros(tokens.shape[0], *shape, dtype=dtype, device=tokens.device)
+    """Zero logits of the captured ``shape`` (rows, tokens, V), on the device of the step's ``tokens``."""
+    return torch.zeros(shape, dtype=dtype, device=tokens.device)
 
 
 @register_pass
@@ -43,7 +44,7 @@ class ScaleSkip(GraphPass):
 
     name: ClassVar[str] = PASS
     Config: ClassVar[type[PassConfig]] = ScaleSkipConfig
-    runs_after: ClassVar[tuple[str, ...]] = ("lhep", "sats", "stepvar", "depthvar", "sparvar", "fastvar")
+    runs_after: ClassVar[tuple[str, ...]] = ("lhep", "sats", "stepvar", "depthvar", "sparvar", "fastvar", "skipvar")
     provides: ClassVar[tuple[str, ...]] = ("scale_skip",)
 
     def skipped(self, captured) -> tuple[int, ...]:
@@ -63,6 +64,8 @@ class ScaleSkip(GraphPass):
                 if others:
                     raise ConfigError(f"pass '{PASS}' skips scale {k}, which {others} rewrote ({region} step); let "
                                       f"them act on earlier scales only, or skip fewer scales")
+            if scale.token_input is None:
+                raise ConfigError(f"pass '{PASS}': scale {k} declares no token_input (where the rows that run are read)")
             if scale.logits_output is None or scale.output_names != [scale.logits_output]:
                 raise ConfigError(f"pass '{PASS}': scale {k} has outputs {scale.output_names}; it must declare its "
                                   "logits (logits_output) as its only output to be skipped")
@@ -95,7 +98,7 @@ def _empty_scale(scale) -> GraphEdit:
     placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
     value = logits.meta["val"]
     with graph.inserting_before(output):
-        zeros = tag(graph.call_function(skipped_logits, (placeholders[scale.token_input], tuple(value.shape[1:]),
+        zeros = tag(graph.call_function(skipped_logits, (placeholders[scale.token_input], tuple(value.shape),
                                                          value.dtype)), PASS, "skipped_logits")
     zeros.meta["val"] = value
     output.args = (tuple([zeros] + [placeholders[name] for name in scale.state_inputs]),)

@@ -20,8 +20,8 @@ Without a decoder for the call (``OptimizedModel.decoder`` or the adapter's ``pr
 computed on the resized latent itself (its channel mean as the grey picture) and the stats say so.
 
 A skipped sample's rows stop running (the row guard also serving SATS, extended to halt both rows of a sample), its
-accumulated latent is held (the residual steps keep its ``accumulated`` value), and it draws from zero logits that
-nothing uses; a conditional-only sample runs its conditional row alone. Every sample decides on its own, so a
+accumulated latent is held (the residual steps keep its ``accumulated`` value), and it draws from zero logits (the draws
+are returned with the sampler's per-scale outputs but never reach its latent); a conditional-only sample runs its conditional row alone. Every sample decides on its own, so a
 sample's result in a batch equals its result alone.
 """
 from __future__ import annotations

@@ -279,3 +279,19 @@ def test_it_composes_with_fastvar():
     alone = optimize(model, passes=["fastvar"]).generate(**{**kwargs, "num_scales": 4})
     assert torch.equal(out.summed_codes, alone.summed_codes)
     assert [e["kept_per_sublayer"] for e in both.stats["fastvar"]][3] == 22
+
+
+def test_a_scale_without_guidance_reads_each_samples_own_conditional_row():
+    adapter = get_adapter("infinity")
+    model = adapter.build_model("infinity-tiny", device="cpu", seed=0)
+    kwargs = {**adapter.benchmark_args(model, batch_size=2, pn="0.06M"), "cfg": [3.0] * 6 + [1.0], "return_logits": True}
+    probe = optimize(model, passes=["skipvar"], config={"skipvar": NEVER})
+    probe.generate(**kwargs)
+    relative = [f[2] for f in next(e for e in probe.stats["skipvar"] if "features" in e)["features"]]
+    fast = optimize(model, passes=["skipvar"], config={"skipvar": {**NEVER, "skip_below": (between(relative), -1.0, -1.0)}})
+    out, seen = record(lambda: fast.generate(**kwargs))
+    halted, running = relative.index(min(relative)), relative.index(max(relative))
+    rows = seen[("rows", 6)].tolist()
+    assert rows == [running, running + 2]  # one sample halted at the last scale: its rows are not the first ones
+    assert torch.equal(out.logits[6][running], seen[("raw", 6)][0].mul(1 / kwargs["tau"]))
+    assert bool((out.logits[6][halted] == 0).all())

@@ -380,8 +380,8 @@ def generate_checked(model, args: GenerateArgs, scale_runner: Optional[ScaleRunn
             inputs = dict(tokens=last_stage, cond_gss=cond_gss, cond_BD=cond_BD, text_kv=kv, text_cu_seqlens=cu,
                           rope_table=rope_table)
             logits = runner.scale(si, inputs)["logits"]
-            if cfg_si == 1 and logits.shape[0] > B:  # no guidance at this scale: the conditional rows only
-                logits = logits[:B]
+            if cfg_si == 1 and bs > B:  # no guidance at this scale: each sample's conditional row, through the
+                logits = runner.guide(si, logits, B, lambda cond, _: cond)  # runner (a pass may run other rows)
             logits = logits.mul(1 / args.tau[si])
             if cfg_si != 1:
                 logits = runner.guide(si, logits, B, cfg_rule(cfg_si))
