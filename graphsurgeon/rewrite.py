@@ -60,6 +60,16 @@ def add_input(graph: torch.fx.Graph, name: str, after: torch.fx.Node, pass_name:
     return tag(node, pass_name, role)
 
 
+def add_outputs(scale: Any, named: Sequence[tuple[str, torch.fx.Node]]) -> None:
+    """Declare ``named`` (name, node) as outputs of ``scale``'s graph after its own outputs and before its state
+    outputs, where the runner reads them by position."""
+    output = next(n for n in reversed(scale.module.graph.nodes) if n.op == "output")
+    values = list(output.args[0])
+    cut = len(values) - len(scale.state_outputs)
+    output.args = (tuple(values[:cut] + [node for _, node in named] + values[cut:]),)
+    scale.output_names = scale.output_names + [name for name, _ in named]
+
+
 def _meta(value: Any) -> Any:
     return torch.empty(value.shape, dtype=value.dtype, device="meta") if isinstance(value, torch.Tensor) else value
 

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 
 from graphsurgeon.capture.dynamic import generalize_axis
 from graphsurgeon.errors import ConfigError
-from graphsurgeon.meta import annotations
 from graphsurgeon.rewrite import tag
-from passes.lhep import gather_tokens, side_row_axis
+from passes.lhep import copy_token_meta, gather_tokens, side_row_axis
 
 
 def gather_inside(module: torch.fx.GraphModule, scale, source: torch.fx.Node, part: Iterable[torch.fx.Node],
@@ -37,12 +36,6 @@ def gather_inside(module: torch.fx.GraphModule, scale, source: torch.fx.Node, pa
     changed = generalize_axis(module, gathered, 1, scale.tokens, key="token_axis", role=count_role,
                               keep_roles=("token_side_input",), within=nodes)
     return gathered, added, changed
-
-
-def copy_token_meta(source: torch.fx.Node, target: torch.fx.Node) -> None:
-    """``target`` stands for ``source`` (same shape and axes, possibly fewer tokens)."""
-    target.meta.update({k: v for k, v in source.meta.items() if k != "graphsurgeon"})
-    annotations(target).update({k: v for k, v in annotations(source).items() if k.startswith(("token_axis", "row_axis"))})
 
 
 def _gather_side_values(graph: torch.fx.Graph, scale, inside: set, position: dict, index: torch.fx.Node,

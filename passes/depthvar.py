@@ -39,10 +39,10 @@ from graphsurgeon.capture.token_axes import propagate_axis
 from graphsurgeon.errors import ConfigError
 from graphsurgeon.meta import annotations
 from graphsurgeon.passes import GraphEdit, GraphPass, PassConfig, register_pass
-from graphsurgeon.rewrite import add_input, export_form, tag
+from graphsurgeon.rewrite import add_input, add_outputs, export_form, tag
 from graphsurgeon.runner import PassRuntime
-from passes._subset import copy_token_meta, gather_inside, refuse_attention_masks
-from passes.lhep import select_tokens
+from passes._subset import gather_inside, refuse_attention_masks
+from passes.lhep import copy_token_meta, select_tokens
 
 PASS = "depthvar"
 
@@ -271,15 +271,6 @@ def _tag(node: torch.fx.Node, role: str) -> torch.fx.Node:
     return tag(node, PASS, role)
 
 
-def _append_outputs(scale, values: list[tuple[str, torch.fx.Node]]) -> None:
-    """Extra outputs after the step's own, before the state outputs."""
-    output = next(n for n in reversed(scale.module.graph.nodes) if n.op == "output")
-    current = list(output.args[0])
-    n_state = len(scale.state_outputs)
-    output.args = (tuple(current[:len(current) - n_state] + [v for _, v in values] + current[len(current) - n_state:]),)
-    scale.output_names = scale.output_names + [name for name, _ in values]
-
-
 def _rewrite_observer(scale, blocks: tuple[str, ...]) -> GraphEdit:
     """The scale before the first DepthVAR scale reports each block's change (``depthvar_delta``)."""
     graph = scale.module.graph
@@ -288,7 +279,7 @@ def _rewrite_observer(scale, blocks: tuple[str, ...]) -> GraphEdit:
     with graph.inserting_before(output):
         deltas = _tag(graph.call_function(stack_deltas, tuple(x for r in regions for x in (r.stream_in, r.stream_out))),
                       "block_deltas")
-    _append_outputs(scale, [("depthvar_delta", deltas)])
+    add_outputs(scale, [("depthvar_delta", deltas)])
     graph.lint()
     scale.module.recompile()
     return GraphEdit(PASS, "scale", scale.index, added=(deltas.name,))
@@ -337,7 +328,7 @@ def _rewrite_scale(scale, previous, blocks: tuple[str, ...], cfg_batch: Optional
             deltas = _tag(graph.call_function(stack_deltas, tuple(merged_streams)), "block_deltas")
         added.append(deltas)
         outputs.append(("depthvar_delta", deltas))
-    _append_outputs(scale, outputs)
+    add_outputs(scale, outputs)
     graph.lint()
     module.recompile()
     return GraphEdit(PASS, "scale", scale.index, added=tuple(n.name for n in added), generalized=tuple(changed),

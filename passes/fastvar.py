@@ -34,7 +34,7 @@ from graphsurgeon.capture.token_axes import propagate_axis
 from graphsurgeon.errors import ConfigError
 from graphsurgeon.meta import annotations
 from graphsurgeon.passes import GraphEdit, GraphPass, PassConfig, register_pass
-from graphsurgeon.rewrite import add_input, export_form, tag
+from graphsurgeon.rewrite import add_input, add_outputs, export_form, tag
 from graphsurgeon.runner import PassRuntime
 from passes._subset import gather_inside, refuse_attention_masks
 
@@ -197,14 +197,6 @@ def _pruned_sublayers(scale, blocks: tuple[str, ...]) -> list[Sublayer]:
     return found
 
 
-def _append_output(scale, name: str, node: torch.fx.Node) -> None:
-    output = next(n for n in reversed(scale.module.graph.nodes) if n.op == "output")
-    values = list(output.args[0])
-    n_state = len(scale.state_outputs)
-    output.args = (tuple(values[:len(values) - n_state] + [node] + values[len(values) - n_state:]),)
-    scale.output_names = scale.output_names + [name]
-
-
 def _rewrite_cache_scale(scale, blocks: tuple[str, ...], work: dict[str, int]) -> GraphEdit:
     """The cache scale reports every pruned sub-layer's output (``fastvar_cache``); ``work`` (the model's sub-layers,
     and those that prune) rides on the node for the stats."""
@@ -214,7 +206,7 @@ def _rewrite_cache_scale(scale, blocks: tuple[str, ...], work: dict[str, int]) -
     with graph.inserting_before(output):
         stacked = _tag(graph.call_function(stack_outputs, tuple(deltas)), "cache_outputs")
     annotations(stacked)["fastvar_work"] = work
-    _append_output(scale, "fastvar_cache", stacked)
+    add_outputs(scale, [("fastvar_cache", stacked)])
     graph.lint()
     scale.module.recompile()
     return GraphEdit(PASS, "scale", scale.index, added=(stacked.name,))

@@ -35,7 +35,7 @@ from graphsurgeon.capture.token_axes import propagate_axis
 from graphsurgeon.errors import ConfigError
 from graphsurgeon.meta import annotations
 from graphsurgeon.passes import GraphEdit, GraphPass, PassConfig, register_pass
-from graphsurgeon.rewrite import TOKEN_VALIDITY_ARG, add_input, export_form, tag
+from graphsurgeon.rewrite import TOKEN_VALIDITY_ARG, add_input, add_outputs, export_form, tag
 from graphsurgeon.runner import PassRuntime
 
 _HAAR_HIGH = 0.5 * torch.tensor([
@@ -278,17 +278,8 @@ def _rewrite_scale(scale, batch: int, total_rows: int, rule: Optional[tuple], pr
             energy = _tag(graph.call_function(lhep_energy, (previous, grid)), "mask")
         with graph.inserting_after(energy):
             keep = _tag(graph.call_function(rule[0], (energy, rule[1])), "mask")
-        with graph.inserting_after(keep):
-            selection = _tag(graph.call_function(select_tokens, (keep, active, batch, tokens)), "select")
-        with graph.inserting_after(selection):
-            index = _tag(graph.call_function(operator.getitem, (selection, 0)), "select")
-        with graph.inserting_after(index):
-            valid = _tag(graph.call_function(operator.getitem, (selection, 1)), "select")
-        with graph.inserting_after(valid):
-            gathered = _tag(graph.call_function(gather_tokens, (tokens, index, valid, scale.token_axis, 0)), "gather")
-        tokens.replace_all_uses_with(gathered, delete_user_cb=lambda user: user not in (selection, gathered))
-        gathered.meta.update({k: v for k, v in tokens.meta.items() if k != "graphsurgeon"})
-        annotations(gathered).update({k: v for k, v in annotations(tokens).items() if k.startswith(("token_axis", "row_axis"))})
+        selection, index, valid, gathered = insert_token_gather(graph, keep, active, batch, tokens, scale.token_axis,
+                                                                "lhep")
         added += [previous, energy, keep, selection, index, valid, gathered]
         propagate_axis(graph, gathered, 0, total_rows if active is None else tokens.meta["val"].shape[0], key="row_axis")
         added += gather_side_values(scale, graph, index, valid, "lhep")
@@ -319,13 +310,37 @@ def _rewrite_scale(scale, batch: int, total_rows: int, rule: Optional[tuple], pr
             names.append("lhep_keep")
             added.append(full)
     added.append(new_history)
-    n_state = len(scale.state_outputs)
-    output.args = (tuple(values[:len(values) - n_state] + extras + values[len(values) - n_state:]),)
-    scale.output_names = scale.output_names + names
+    output.args = (tuple(values),)
+    add_outputs(scale, list(zip(names, extras)))
     graph.lint()
     module.recompile()
     return GraphEdit("lhep", "scale", scale.index, added=tuple(n.name for n in added), generalized=tuple(changed),
                      rewired=(tokens.name,) if index is not None else ())
+
+
+def insert_token_gather(graph: torch.fx.Graph, keep: torch.fx.Node, active: Optional[torch.fx.Node], batch: int,
+                        tokens: torch.fx.Node, token_axis: int, pass_name: str,
+                        spared: tuple[torch.fx.Node, ...] = ()) -> tuple[torch.fx.Node, ...]:
+    """After ``keep``: each running row's kept positions (``select_tokens`` of the ``keep`` mask), their index and
+    validity, and ``tokens`` gathered with them; every other use of ``tokens`` (but ``spared``, e.g. the node that
+    scored them) reads the gathered tokens. Returns (selection, index, valid, gathered), tagged ``pass_name``."""
+    with graph.inserting_after(keep):
+        selection = tag(graph.call_function(select_tokens, (keep, active, batch, tokens)), pass_name, "select")
+    with graph.inserting_after(selection):
+        index = tag(graph.call_function(operator.getitem, (selection, 0)), pass_name, "select")
+    with graph.inserting_after(index):
+        valid = tag(graph.call_function(operator.getitem, (selection, 1)), pass_name, "select")
+    with graph.inserting_after(valid):
+        gathered = tag(graph.call_function(gather_tokens, (tokens, index, valid, token_axis, 0)), pass_name, "gather")
+    tokens.replace_all_uses_with(gathered, delete_user_cb=lambda user: user not in (selection, gathered, *spared))
+    copy_token_meta(tokens, gathered)
+    return selection, index, valid, gathered
+
+
+def copy_token_meta(source: torch.fx.Node, target: torch.fx.Node) -> None:
+    """``target`` stands for ``source`` (same shape and axes, possibly fewer tokens or rows)."""
+    target.meta.update({k: v for k, v in source.meta.items() if k != "graphsurgeon"})
+    annotations(target).update({k: v for k, v in annotations(source).items() if k.startswith(("token_axis", "row_axis"))})
 
 
 def gather_side_values(scale, graph: torch.fx.Graph, index: torch.fx.Node, valid: torch.fx.Node,

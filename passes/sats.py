@@ -32,7 +32,7 @@ from graphsurgeon.capture.token_axes import propagate_axis
 from graphsurgeon.errors import ConfigError
 from graphsurgeon.meta import annotate, annotations
 from graphsurgeon.passes import GraphEdit, GraphPass, PassConfig, register_pass
-from graphsurgeon.rewrite import TOKEN_VALIDITY_ARG, add_input, export_form
+from graphsurgeon.rewrite import TOKEN_VALIDITY_ARG, add_input, add_outputs, export_form
 from graphsurgeon.runner import GuidanceRule, PassRuntime
 
 
@@ -145,18 +145,15 @@ def _rewrite_scale(scale, batch: int, with_discrepancy: bool) -> GraphEdit:
     guard, active, changed, selected = insert_row_guard(scale, batch, "sats")
     graph = scale.module.graph
     output_node = next(n for n in reversed(graph.nodes) if n.op == "output")
-    values = list(output_node.args[0])
-    n_state = len(scale.state_outputs)
     extras, names = [active], ["sats_active_rows"]
     if with_discrepancy:
-        logits = values[scale.output_names.index(scale.logits_output)]
+        logits = output_node.args[0][scale.output_names.index(scale.logits_output)]
         with graph.inserting_before(output_node):
             delta = graph.call_function(guard_discrepancy, (logits, active, batch, None))
         annotate(delta, **{"pass": "sats", "role": "branch_discrepancy", TOKEN_VALIDITY_ARG: 3})
         extras.append(delta)
         names.append("sats_delta")
-    output_node.args = (tuple(values[:len(values) - n_state] + extras + values[len(values) - n_state:]),)
-    scale.output_names = scale.output_names + names
+    add_outputs(scale, list(zip(names, extras)))
     graph.lint()
     scale.module.recompile()
     return GraphEdit("sats", "scale", scale.index, added=(guard.name, *(n.name for n in extras), *selected),

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from graphsurgeon.errors import ConfigError
 from graphsurgeon.meta import annotations
 from graphsurgeon.passes import GraphEdit, GraphPass, PassConfig, register_pass
-from graphsurgeon.rewrite import add_input, tag
+from graphsurgeon.rewrite import add_input, add_outputs, tag
 from graphsurgeon.runner import GuidanceRule, PassRuntime
 from passes.sats import guided_mix, insert_row_guard
 
@@ -255,11 +255,7 @@ def _index(value: int, count: int, key: str) -> int:
 def _guard_scale(scale, batch: int) -> GraphEdit:
     guard, active, changed, selected = insert_row_guard(scale, batch, PASS, halting=True)
     graph = scale.module.graph
-    output = next(n for n in reversed(graph.nodes) if n.op == "output")
-    values = list(output.args[0])
-    n_state = len(scale.state_outputs)
-    output.args = (tuple(values[:len(values) - n_state] + [active] + values[len(values) - n_state:]),)
-    scale.output_names = scale.output_names + ["skipvar_active_rows"]
+    add_outputs(scale, [("skipvar_active_rows", active)])
     graph.lint()
     scale.module.recompile()
     return GraphEdit(PASS, "scale", scale.index, added=(guard.name, active.name, *selected), generalized=tuple(changed),

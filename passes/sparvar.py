@@ -56,7 +56,7 @@ from pydantic import Field, field_validator
 from graphsurgeon.errors import ConfigError
 from graphsurgeon.meta import annotate, annotations
 from graphsurgeon.passes import GraphEdit, GraphPass, PassConfig, register_pass
-from graphsurgeon.rewrite import add_input, export_form, tag
+from graphsurgeon.rewrite import add_input, add_outputs, export_form, tag
 from graphsurgeon.runner import PassRuntime
 
 PASS = "sparvar"
@@ -421,12 +421,8 @@ def _output(graph: torch.fx.Graph) -> torch.fx.Node:
 def _finish(scale, added: list, inputs: list[str], extras: list, names: list[str],
             rewired: tuple[str, ...] = ()) -> GraphEdit:
     """Declare the new inputs and outputs (outputs before the state outputs) and recompile."""
-    output = _output(scale.module.graph)
-    values = list(output.args[0])
-    n_state = len(scale.state_outputs)
-    output.args = (tuple(values[:len(values) - n_state] + extras + values[len(values) - n_state:]),)
+    add_outputs(scale, list(zip(names, extras)))
     scale.input_names = scale.input_names + inputs
-    scale.output_names = scale.output_names + names
     scale.module.graph.lint()
     scale.module.recompile()
     return GraphEdit(PASS, "scale", scale.index, added=tuple(n.name for n in added), rewired=rewired)

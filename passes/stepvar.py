@@ -22,7 +22,6 @@ lowest position), so the sampler draws a dense map and the residual step runs un
 """
 from __future__ import annotations
 
-import operator
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -35,10 +34,10 @@ from graphsurgeon.capture.token_axes import propagate_axis
 from graphsurgeon.errors import ConfigError
 from graphsurgeon.meta import annotations
 from graphsurgeon.passes import GraphEdit, GraphPass, PassConfig, register_pass
-from graphsurgeon.rewrite import export_form, tag
+from graphsurgeon.rewrite import add_outputs, export_form, tag
 from graphsurgeon.runner import PassRuntime
 from passes._subset import refuse_attention_masks
-from passes.lhep import fixed_keep_mask, gather_side_values, gather_tokens, select_tokens
+from passes.lhep import fixed_keep_mask, gather_side_values, insert_token_gather, select_tokens
 
 PASS = "stepvar"
 _QUERY_BLOCK = 1 << 22
@@ -243,17 +242,8 @@ def _rewrite_scale(scale, batch: int, config: StepVARConfig) -> GraphEdit:
                       "score")
     with graph.inserting_after(scores):
         keep = _tag(graph.call_function(fixed_keep_mask, (scores, config.keep_ratio)), "mask")
-    with graph.inserting_after(keep):
-        selection = _tag(graph.call_function(select_tokens, (keep, active, batch, tokens)), "select")
-    with graph.inserting_after(selection):
-        index = _tag(graph.call_function(operator.getitem, (selection, 0)), "select")
-    with graph.inserting_after(index):
-        valid = _tag(graph.call_function(operator.getitem, (selection, 1)), "select")
-    with graph.inserting_after(valid):
-        gathered = _tag(graph.call_function(gather_tokens, (tokens, index, valid, scale.token_axis, 0)), "gather")
-    tokens.replace_all_uses_with(gathered, delete_user_cb=lambda user: user not in (scores, selection, gathered))
-    gathered.meta.update({k: v for k, v in tokens.meta.items() if k != "graphsurgeon"})
-    annotations(gathered).update({k: v for k, v in annotations(tokens).items() if k.startswith(("token_axis", "row_axis"))})
+    selection, index, valid, gathered = insert_token_gather(graph, keep, active, batch, tokens, scale.token_axis, PASS,
+                                                            spared=(scores,))
     propagate_axis(graph, gathered, 0, tokens.meta["val"].shape[0], key="row_axis")
     sides = gather_side_values(scale, graph, index, valid, PASS)
     changed = generalize_axis(module, gathered, scale.token_axis, scale.tokens, key="token_axis",
@@ -265,9 +255,8 @@ def _rewrite_scale(scale, batch: int, config: StepVARConfig) -> GraphEdit:
         dense = _tag(graph.call_function(nearest_kept_logits, (values[position], keep, active, batch, grid)),
                      "nearest_fill")
     values[position] = dense
-    n_state = len(scale.state_outputs)
-    output.args = (tuple(values[:len(values) - n_state] + [keep] + values[len(values) - n_state:]),)
-    scale.output_names = scale.output_names + ["stepvar_keep"]
+    output.args = (tuple(values),)
+    add_outputs(scale, [("stepvar_keep", keep)])
     graph.lint()
     module.recompile()
     added = [scores, keep, selection, index, valid, gathered, *sides, dense]
