@@ -19,34 +19,17 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import threading
-import weakref
 from typing import Any, Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
 
 from .capture import CapturedModel, ScaleGraph
+from .capture.locks import model_lock
 from .errors import GraphsurgeonError
 
 GuidanceRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``rule(cond, uncond) -> guided`` on the rows of one or more samples; row-wise (a sample's guided logits
 depend on its own two rows only), so it applies unchanged to any subset of samples."""
-
-
-_MODEL_LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
-_MODEL_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model: torch.nn.Module) -> threading.RLock:
-    """The lock serialising every use of state a model keeps in its modules (its KV caches): one per model,
-    re-entrant, dropped with the model. An eager runner holds it while entered and a capture while tracing, so
-    two runs of one model never share (and reset) each other's caches; runs of different models, and graph runs
-    (their state is graph values), proceed in parallel."""
-    with _MODEL_LOCKS_GUARD:
-        lock = _MODEL_LOCKS.get(model)
-        if lock is None:
-            lock = _MODEL_LOCKS[model] = threading.RLock()
-        return lock
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from ..meta import annotate
 from .plan import RESIDUAL, CapturePlan, ScaleSpec, StateSlot
 from .report import CaptureReport, ScaleReport
 from .token_axes import propagate_token_axes
+from .locks import model_lock
 from .tracer import CAPTURE_LOCK, CaptureError, ShapeTracer, to_meta
 
 _INPLACE_FUNCTIONS = {"setitem", "iadd", "isub", "imul", "itruediv"}
@@ -201,8 +202,7 @@ def _trace_scale(plan: CapturePlan, spec: ScaleSpec, device: torch.device, state
     originals = [_get_state(module, slot) for slot, module in zip(state, modules)]
     before = {id(m): dict(vars(m)) for m in plan.model.modules()}
     try:
-        with tracer.autocast_as_nodes():
-            graph = tracer.trace(root)
+        graph = tracer.trace(root)
     finally:
         for slot, module, value in zip(state, modules, originals):
             _set_state(module, slot, value)
@@ -234,7 +234,8 @@ def _graph_module(root: torch.nn.Module, graph: torch.fx.Graph, class_name: str)
 def capture(plan: CapturePlan, device: Optional[torch.device] = None) -> CapturedModel:
     """Trace every scale of ``plan`` into its own GraphModule and annotate token axes.
 
-    Runs under ``CAPTURE_LOCK``: tracing patches torch process-wide, so captures in other threads wait.
+    Runs under ``CAPTURE_LOCK`` (captures take turns), then the model's lock (the declared state is swapped in and
+    out of its modules; always taken in this order); other threads' module calls and graph runs are not intercepted (:mod:`.interception`).
     """
     if device is None:
         first = next(plan.model.parameters(), None)
@@ -243,7 +244,7 @@ def capture(plan: CapturePlan, device: Optional[torch.device] = None) -> Capture
     scales: list[ScaleGraph] = []
     state_values: Optional[list[Any]] = None
     memo: dict = {}  # example values of ops already seen, shared by all scales
-    with CAPTURE_LOCK, plan.prepare(), _eager_compiled_helpers(plan.model, report.compiled_helpers):
+    with CAPTURE_LOCK, model_lock(plan.model), plan.prepare(), _eager_compiled_helpers(plan.model, report.compiled_helpers):
         start = time.perf_counter()  # not counting the wait for the lock
         for spec in plan.scales:
             t0 = time.perf_counter()

@@ -10,33 +10,22 @@ become graph nodes.
 """
 from __future__ import annotations
 
-import contextlib
+import copy
 import operator
-import threading
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.fx
+import torch.fx._symbolic_trace as fx_trace
 from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
 from torch.fx.node import map_aggregate
 
 from ..errors import GraphsurgeonError
+from .interception import ThreadLocalPatcher
+from .locks import CAPTURE_LOCK
 
 _NO_VALUE = (_enter_autocast, _exit_autocast)
 _META = torch.device("meta")
-
-CAPTURE_LOCK = threading.RLock()
-"""Held, process-wide, for the whole of a capture (by ``capture`` and by ``ShapeTracer``).
-
-While tracing, torch.fx replaces ``nn.Module.__call__``/``__getattr__`` (and wrapped functions) for the whole
-process and ``ShapeTracer`` replaces ``torch.autocast.__enter__``/``__exit__``; each puts back what it saw on
-entry. Two traces at once record into each other's graphs and put back each other's patches, breaking every
-``nn.Module`` in the process. Under this lock captures run one at a time, so each one's try/finally leaves torch
-as it found it, failure or not; the plan's ``prepare`` context and the model state a capture swaps run under it
-too. Re-entrant: code that changes shared state for a capture (e.g. an adapter's capture-time substitution)
-holds it around its change and its ``capture`` call.
-"""
-
 
 class CaptureError(GraphsurgeonError):
     """The model cannot be captured as it is; the message names the module and what to do."""
@@ -59,6 +48,36 @@ def _fetch_attribute(root: torch.nn.Module, target: str) -> Any:
             if leaf in store:
                 return store[leaf]
     return vars(owner)[leaf]
+
+
+def _named_tensors(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from module.named_parameters()
+    yield from module.named_buffers()
+
+
+def _tensor_attributes(root: torch.nn.Module) -> dict[Any, str]:
+    """Constant attributes (tensors, script objects) by value -> qualified name, as fx's ``create_arg`` reads them."""
+    found: dict[Any, str] = {}
+    for path, module in root.named_modules():
+        for name, value in vars(module).items():
+            if isinstance(value, fx_trace._constant_attribute_types):
+                found[value] = f"{path}.{name}" if path else name
+    return found
+
+
+def meta_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` (and its submodules) whose parameters and buffers are meta tensors and whose hooks are
+    empty: evaluating a leaf on example values runs on the copy, so the model itself, which other threads may be
+    running, is never changed, not even for a moment."""
+    copied = copy.copy(module)
+    state = copied.__dict__
+    state["_parameters"] = {name: to_meta(p) for name, p in module._parameters.items()}
+    state["_buffers"] = {name: to_meta(b) for name, b in module._buffers.items()}
+    state["_modules"] = {name: meta_copy(m) if m is not None else None for name, m in module._modules.items()}
+    for name, value in list(state.items()):
+        if name.startswith(("_forward_", "_backward_")) and isinstance(value, dict):
+            state[name] = type(value)()
+    return copied
 
 
 class ShapeProxy(torch.fx.Proxy):
@@ -135,7 +154,7 @@ class ShapeTracer(torch.fx.Tracer):
         self.device = torch.device(device)
         self.leaf_types = tuple(leaf_types)
         self.placeholder_values: dict[str, Any] = {}
-        self._meta_states: dict[int, dict[str, torch.Tensor]] = {}
+        self._meta_copies: dict[int, torch.nn.Module] = {}
         self._evaluating = False  # while computing a value, module attribute reads must not record nodes
         self._memo: dict[tuple, Any] = {}
         self._parameter_names: dict[int, str] = {}
@@ -150,12 +169,64 @@ class ShapeTracer(torch.fx.Tracer):
         """Reuse example values computed by another tracer of the same model (e.g. the previous scale)."""
         self._memo = memo
 
-    def trace(self, root, concrete_args=None) -> torch.fx.Graph:
-        with CAPTURE_LOCK:  # fx patches torch process-wide until it returns
-            if isinstance(root, torch.nn.Module):
-                self._parameter_names = {id(p): name for name, p in root.named_parameters()}
-                self._buffer_names = {id(b): name for name, b in root.named_buffers()}
-            return super().trace(root, concrete_args)
+    def trace(self, root: torch.nn.Module, concrete_args: Optional[dict[str, Any]] = None) -> torch.fx.Graph:
+        """Record ``root.forward`` as fx does, but intercepting only this thread (:mod:`.interception`): module
+        calls, autocast regions and wrapped functions in other threads run as if nothing were traced."""
+        with CAPTURE_LOCK:  # the replacements are still process-wide objects: one trace installs them at a time
+            self._parameter_names = {id(p): name for name, p in root.named_parameters()}
+            self._buffer_names = {id(b): name for name, b in root.named_buffers()}
+            self.root, self.root_module_name = root, root._get_name()
+            self.submodule_paths = {module: name for name, module in root.named_modules()}
+            self.graph = torch.fx.Graph(tracer_cls=type(self))
+            self.tensor_attrs = _tensor_attributes(root)
+            forward = type(root).forward
+            forward_globals = forward.__globals__
+            forward, args = self.create_args_for_root(forward, True, concrete_args)
+            with ThreadLocalPatcher(condition=lambda: not self._evaluating) as patcher:
+                self._install(patcher, forward_globals)
+                self.create_node("output", "output", (self.create_arg(forward(*args)),), {})
+            self.submodule_paths = None
+            return self.graph
+
+    def _install(self, patcher: ThreadLocalPatcher, forward_globals: dict[str, Any]) -> None:
+        """What fx replaces while tracing, plus autocast entry and exit recorded as nodes."""
+        parameter_proxy_cache: dict[str, torch.fx.Proxy] = {}
+
+        def module_getattr(module: torch.nn.Module, attr: str) -> Any:
+            return self.getattr(attr, fx_trace._orig_module_getattr(module, attr), parameter_proxy_cache)
+
+        def module_call(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            def forward(*args: Any, **kwargs: Any) -> Any:
+                return fx_trace._orig_module_call(module, *args, **kwargs)
+
+            code_globals = getattr(getattr(module, "forward", module), "__globals__", {})
+            fx_trace._autowrap_check(patcher, code_globals, self._autowrap_function_ids)
+            return self.call_module(module, forward, args, kwargs)
+
+        autocast = torch.amp.autocast_mode.autocast
+        enter, leave = autocast.__enter__, autocast.__exit__
+
+        def autocast_enter(region: Any) -> Any:
+            enter(region)
+            region._graphsurgeon_node = self.create_proxy(
+                "call_function", _enter_autocast,
+                (region.device, region.fast_dtype, region._enabled, region._cache_enabled), {})
+            return region
+
+        def autocast_exit(region: Any, *exc: Any) -> Any:
+            entered = region.__dict__.pop("_graphsurgeon_node", None)
+            if entered is not None:
+                self.create_proxy("call_function", _exit_autocast, (entered,), {})
+            return leave(region, *exc)
+
+        patcher.patch_method(torch.nn.Module, "__getattr__", module_getattr, deduplicate=False)
+        patcher.patch_method(torch.nn.Module, "__call__", module_call, deduplicate=False)
+        patcher.patch_method(autocast, "__enter__", autocast_enter, deduplicate=False)
+        patcher.patch_method(autocast, "__exit__", autocast_exit, deduplicate=False)
+        fx_trace._patch_wrapped_functions(patcher)
+        fx_trace._autowrap_check(patcher, forward_globals, self._autowrap_function_ids)
+        for module in self._autowrap_search:
+            fx_trace._autowrap_check(patcher, module.__dict__, self._autowrap_function_ids)
 
     def create_arg(self, a: Any) -> Any:
         """Buffers become ``get_attr`` nodes, found by identity (fx would scan every buffer per use)."""
@@ -194,13 +265,12 @@ class ShapeTracer(torch.fx.Tracer):
             return _META  # example values stay on meta whatever device the graph will run on
         return to_meta(arg)
 
-    def _meta_state(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    def _meta_copy(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` with meta parameters and buffers, made once per module (see :func:`meta_copy`)."""
         key = id(module)
-        if key not in self._meta_states:
-            tensors = dict(module.named_parameters())
-            tensors.update(module.named_buffers())
-            self._meta_states[key] = {name: to_meta(t) for name, t in tensors.items()}
-        return self._meta_states[key]
+        if key not in self._meta_copies:
+            self._meta_copies[key] = meta_copy(module)
+        return self._meta_copies[key]
 
     def _compute(self, node: torch.fx.Node) -> Any:
         """The node's example value; identical ops on identical shapes (every block alike) are computed once."""
@@ -246,7 +316,7 @@ class ShapeTracer(torch.fx.Tracer):
         if target not in self._module_signatures:
             module = self.root.get_submodule(target)
             self._module_signatures[target] = (
-                type(module), tuple((n, tuple(t.shape), t.dtype) for n, t in self._meta_state(module).items()),
+                type(module), tuple((n, tuple(t.shape), t.dtype) for n, t in _named_tensors(self._meta_copy(module))),
                 tuple(sorted((k, v) for k, v in vars(module).items() if isinstance(v, (int, float, bool, str)))))
         return self._module_signatures[target]
 
@@ -265,11 +335,10 @@ class ShapeTracer(torch.fx.Tracer):
             if node.op == "call_method":
                 return getattr(args[0], node.target)(*args[1:], **kwargs)
             if node.op == "call_module":
-                module = self.root.get_submodule(node.target)
+                module = self._meta_copy(self.root.get_submodule(node.target))
                 self._evaluating = True
                 try:
-                    with torch.nn.utils.stateless._reparametrize_module(module, self._meta_state(module)):
-                        return module.forward(*args, **kwargs)  # no hooks: user hooks never see example values
+                    return module.forward(*args, **kwargs)  # no hooks: user hooks never see example values
                 finally:
                     self._evaluating = False
         except CaptureError:
@@ -294,28 +363,3 @@ class ShapeTracer(torch.fx.Tracer):
             f"capture: {what} in {self.where()} (value {node.name}): the branch would be frozen at trace "
             "time. Express it with tensor ops, or declare the module a leaf in the adapter."
         )
-
-    @contextlib.contextmanager
-    def autocast_as_nodes(self) -> Iterator[None]:
-        """While tracing, entering/leaving ``torch.autocast`` also records ``_enter/_exit_autocast`` nodes."""
-        autocast = torch.amp.autocast_mode.autocast
-        tracer = self
-
-        def traced_enter(region):
-            enter(region)
-            region._graphsurgeon_node = tracer.create_proxy(
-                "call_function", _enter_autocast,
-                (region.device, region.fast_dtype, region._enabled, region._cache_enabled), {})
-            return region
-
-        def traced_exit(region, *exc):
-            tracer.create_proxy("call_function", _exit_autocast, (region._graphsurgeon_node,), {})
-            return leave(region, *exc)
-
-        with CAPTURE_LOCK:  # the patch is process-wide: no other trace may see it, or save it as the original
-            enter, leave = autocast.__enter__, autocast.__exit__
-            autocast.__enter__, autocast.__exit__ = traced_enter, traced_exit
-            try:
-                yield
-            finally:
-                autocast.__enter__, autocast.__exit__ = enter, leave
