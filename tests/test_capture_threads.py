@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
+import torch.fx._symbolic_trace as fx_trace
 
 from examples.toy_nsp.adapter import ToyAdapter
 from examples.toy_nsp.model import build_toy
@@ -153,9 +154,10 @@ def test_captures_beside_eager_calls_graph_runs_and_other_captures(models, trial
     assert_unpatched(before)
 
 
-def test_a_thread_that_is_not_capturing_is_never_recorded(models):
+def test_a_thread_that_is_not_capturing_is_never_recorded():
     """While a capture runs, a module called in another thread runs eagerly and adds no node to the graph."""
-    plain, x = models["plain"], models["x"]
+    torch.manual_seed(0)
+    plain, x = PlainModule(), torch.randn(4, 8)
     inside = threading.Event()
     release = threading.Event()
     seen: list[Any] = []
@@ -169,6 +171,7 @@ def test_a_thread_that_is_not_capturing_is_never_recorded(models):
         assert inside.wait(TIMEOUT_S)
         with torch.no_grad():
             seen.append(plain(x))
+        seen.append(fx_trace.is_fx_symbolic_tracing())  # torch.compile'd code here would run eagerly if True
         release.set()
 
     worker = threading.Thread(target=other)
@@ -176,6 +179,7 @@ def test_a_thread_that_is_not_capturing_is_never_recorded(models):
     captured = capture(small_plan(copy.deepcopy(torch.nn.Linear(4, 4)), step))
     worker.join(TIMEOUT_S)
     assert isinstance(seen[0], torch.Tensor) and not isinstance(seen[0], torch.fx.Proxy)
+    assert seen[1] is False
     with torch.no_grad():
         assert torch.equal(seen[0], plain(x))
     targets = [n.target for n in captured.scales[0].module.graph.nodes if n.op == "call_module"]
