@@ -20,8 +20,10 @@ demo: $(STAMP)
 	$(BIN)/graphsurgeon generate --config infinity-tiny --pn 0.25M --prompt "a red apple" --prompt "a blue bird" \
 		--passes lhep,sats --compare --report out/demo_images/report.html --out out/demo_images
 
+# One pytest-xdist worker per core (each computing on one thread: tests/conftest.py); TEST_WORKERS=0 runs in-process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

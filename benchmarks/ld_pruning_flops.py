@@ -9,7 +9,6 @@ Random weights, batch 2, seed 1234. Infinity: random text features (two prompts,
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 
@@ -17,6 +16,7 @@ import torch
 
 from graphsurgeon import get_adapter, optimize
 from graphsurgeon.flops import measure_flops
+from graphsurgeon.jsonio import write_json_atomic
 
 
 def main() -> None:
@@ -55,8 +55,7 @@ def main() -> None:
         print(f"  {scale:>2}: {b / 1e9:9.2f} {o / 1e9:9.2f} {i / 1e9:9.2f}")
     print(f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2, default=str)
+        write_json_atomic(args.json, result)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 from .capture import CapturePlan
 from .errors import ConfigError
 from .fidelity import OutputView
-from .images import ImagePipeline, ImageSources
+from .images import ImagePipeline, ImageSources, SamplingSettings
 from .runner import ScaleRunner
 
 
@@ -44,6 +44,10 @@ class ModelAdapter(abc.ABC):
 
     paper_latency_s: ClassVar[dict[str, dict[str, float]]] = {}
     """Published latencies per named config and method, printed beside measured ones (facts, not targets)."""
+
+    pixel_presets: ClassVar[tuple[str, ...]] = ()
+    """The ``--pn`` values the family's schedules know (listed in ``--help``); empty: one schedule per model, and
+    ``--pn`` does not apply."""
 
     @abc.abstractmethod
     def build_model(self, config: Any, device: str = "meta", seed: Optional[int] = None,
@@ -106,6 +110,19 @@ class ModelAdapter(abc.ABC):
         """``generate_kwargs`` forcing every scale to ``reference``'s drawn values and returning the guided logits
         (teacher forcing). Default: the family is not comparable."""
         raise ConfigError(f"adapter {self.name!r} has no teacher forcing for comparison (no forced_args)")
+
+    def check_settings(self, settings: SamplingSettings) -> None:
+        """Check the sampling settings of a run (schedule preset, guidance, temperature) before anything is built;
+        raise a ConfigError or InputError naming the setting. Default: ``pn`` is one of ``pixel_presets`` when the
+        family has presets. Families override it to add their own checks (the ones their sampler applies)."""
+        if self.pixel_presets and settings.pn not in self.pixel_presets:
+            raise ConfigError(f"--pn {settings.pn!r} is not a pixel preset of adapter {self.name!r}; give one of "
+                              f"{', '.join(self.pixel_presets)}")
+
+    def supported_dtypes(self, device_type: str) -> tuple[torch.dtype, ...]:
+        """The precisions :meth:`precision` accepts on a device type ("cpu", "cuda"), so a command line can refuse
+        ``--dtype`` before a model is built. Default: float32 only."""
+        return (torch.float32,)
 
     def check_sources(self, sources: ImageSources, conditions: list[str]) -> None:
         """Check the user's files and conditions for ``graphsurgeon generate`` (files exist and fit each other,
@@ -172,8 +189,9 @@ def available_adapters() -> list[str]:
     return sorted(names)
 
 
-def _import_reference(reference: str) -> Callable[[], ModelAdapter]:
-    """``package.module:Name`` -> the object it names (an adapter class outside the repository)."""
+def _import_reference(reference: str) -> type[ModelAdapter]:
+    """``package.module:Name`` -> the ModelAdapter subclass it names (an adapter outside the repository). Anything
+    else is refused by its type before it is called: the name comes from a command line (``os:system``)."""
     module_name, _, attribute = reference.partition(":")
     if not module_name or not attribute:
         raise ConfigError(f"adapter {reference!r}: write an outside adapter as package.module:ClassName")
@@ -184,6 +202,9 @@ def _import_reference(reference: str) -> Callable[[], ModelAdapter]:
     factory = getattr(module, attribute, None)
     if factory is None:
         raise ConfigError(f"adapter {reference!r}: module {module_name!r} has no attribute {attribute!r}")
+    if not (isinstance(factory, type) and issubclass(factory, ModelAdapter)):
+        raise ConfigError(f"adapter {reference!r} is a {type(factory).__name__}, not a subclass of "
+                          "graphsurgeon.ModelAdapter; name an adapter class as package.module:ClassName")
     return factory
 
 

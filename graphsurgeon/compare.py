@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -19,47 +18,63 @@ from typing import Any, Optional
 import torch
 
 from .bench.runner import BASELINE, run_benchmark
+from .images import ImageSources
 from .bench.spec import make_spec, passes_of
 from .cli_checks import check_file_target
 from .errors import ConfigError
+from .jsonio import write_json_atomic
 
 RANDOM_WEIGHTS_NOTE = ("Random weights: these figures show what each method costs and how far it moves the output "
                        "from the unaccelerated model; they say nothing about image quality.")
+FILES_NOTE = ("Loaded weights, random conditions (the adapter's benchmark inputs): these figures show what each method "
+              "costs and how far it moves the output from the unaccelerated model on these inputs.")
 
 
-def run_compare(adapter_name: str, config: str, methods: list[str], method_config: Optional[dict[str, dict]] = None,
-                h_div_w: float = 1.0, pn: str = "1M", batch: int = 1, device: str = "cpu", dtype: str = "float32",
-                warmup: int = 1, repeats: int = 3, seed: int = 0, flops: bool = True, images: bool = False,
-                pictures: Optional[dict[str, torch.Tensor]] = None, log=print) -> dict[str, Any]:
+def run_compare(adapter_name: str, config: Optional[str], methods: list[str],
+                method_config: Optional[dict[str, dict]] = None, h_div_w: float = 1.0, pn: str = "1M", batch: int = 1,
+                device: str = "cpu", dtype: str = "float32", warmup: int = 1, repeats: int = 3, seed: int = 0,
+                flops: bool = True, images: bool = False, pictures: Optional[dict[str, torch.Tensor]] = None,
+                checkpoint: Optional[Path] = None, vae: Optional[Path] = None, text_encoder: Optional[Path] = None,
+                log=print) -> dict[str, Any]:
     """Benchmark ``methods`` side by side, then measure each one's fidelity; returns the result (JSON-ready).
-    ``images``: also decode both runs with the adapter's image pipeline (its decoder; a seeded random one without
-    a checkpoint) and compare the pictures; the decoded images, uint8 (B, H, W, 3), by method (and "baseline"), go
-    into ``pictures`` when given."""
+    ``checkpoint``, ``vae``, ``text_encoder``: the user's files, loaded by the adapter's image pipeline as
+    ``generate`` loads them (random weights without them). ``images``: also decode both runs with that pipeline's
+    decoder (a seeded random one without a file) and compare the pictures; the decoded images, uint8 (B, H, W, 3),
+    by method (and "baseline"), go into ``pictures`` when given. Everything is checked before any model is built."""
     from .adapters import ModelAdapter, get_adapter
     from .api import optimize
+    from .bench.runner import check_benchmark, load_model
     from .fidelity import fidelity
 
     if not methods:
         raise ConfigError("--methods: give at least one method (pass names joined by '+', comma-separated)")
     method_config = method_config or {}
+    if config is None and checkpoint is None:  # with a checkpoint the adapter asks for the layout by name
+        config = get_adapter(adapter_name).default_config
     spec = make_spec(adapter=adapter_name, config=config, h_div_w=h_div_w, pn=pn, batch=batch, device=device,
                      dtype=dtype, pass_sets=tuple(methods), pass_config=method_config, warmup=warmup,
-                     repeats=repeats, seed=seed, flops=flops, inserted_timing=False)
-    adapter = get_adapter(adapter_name)
+                     repeats=repeats, seed=seed, flops=flops, inserted_timing=False, checkpoint=checkpoint, vae=vae,
+                     text_encoder=text_encoder)
+    checked = check_benchmark(spec)
+    adapter = checked.adapter
     if type(adapter).output_view is ModelAdapter.output_view or type(adapter).forced_args is ModelAdapter.forced_args:
         raise ConfigError(f"adapter {adapter_name!r} does not implement output_view/forced_args: it cannot be "
                           "compared (before any run)")
-    decode = _decoder(adapter, config, device, seed) if images else None
-    result = run_benchmark(spec, log=log)
-    model = adapter.build_model(config, device=device, seed=seed)
+    if images and checked.sources is None:
+        adapter.check_sources(ImageSources(config=checked.config, device=device, seed=seed), [])
+    model, pipeline = loaded = load_model(spec, checked, images=images)
+    result = run_benchmark(spec, log=log, checked=checked, loaded=loaded)
     kwargs = adapter.benchmark_args(model, batch_size=batch, h_div_w=h_div_w, pn=pn, seed=seed)
     result["kind"] = "graphsurgeon.compare"
-    result["note"] = RANDOM_WEIGHTS_NOTE
+    result["note"] = RANDOM_WEIGHTS_NOTE if checked.sources is None or spec.checkpoint is None else FILES_NOTE
     result["fidelity"] = {}
+    decode = pipeline.images if images else None
     for method in methods:
         passes = passes_of(method)
         settings = {name: method_config[name] for name in passes if name in method_config}
         fast = optimize(model, adapter=adapter, passes=passes, config=settings or None)
+        if pipeline is not None:
+            fast.decoder = pipeline.preview_decoder()
         measured = fidelity(adapter, model, fast, kwargs, decode)
         result["fidelity"][method] = measured.figures
         if pictures is not None and measured.images is not None:
@@ -67,15 +82,6 @@ def run_compare(adapter_name: str, config: str, methods: list[str], method_confi
             pictures[method] = measured.images
         log(f"{method}: fidelity measured")
     return result
-
-
-def _decoder(adapter: Any, config: str, device: str, seed: int):
-    """The adapter's image decoder for ``config`` (refused before any run when the adapter makes no images)."""
-    from .images import ImageSources
-
-    sources = ImageSources(config=config, device=device, seed=seed)
-    adapter.check_sources(sources, [])
-    return adapter.image_pipeline(sources).images
 
 
 def table(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -182,48 +188,23 @@ def _num(value: Optional[float], fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .bench import json_object
-
-    parser.add_argument("--adapter", default="infinity")
-    parser.add_argument("--config", help="named model config, random weights (default: the adapter's default_config)")
-    parser.add_argument("--h-div-w", type=float, default=1.0)
-    parser.add_argument("--pn", default="1M", help="pixel preset of the schedule")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--methods", default="lhep+sats", help="comma-separated methods: pass names joined by '+'")
-    parser.add_argument("--method-config", type=json_object, default={},
-                        help='pass settings by pass name, for every method using the pass: \'{"lhep": {"rho": 0.5}}\'')
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting runs")
-    parser.add_argument("--images", action="store_true", help="also decode both runs (the adapter's decoder, random "
-                                                              "without a checkpoint) and report image PSNR/SSIM")
-    parser.add_argument("--out", default="out/compare", help="writes <out>.json and <out>.md (and <out>.html with "
-                                                             "the images side by side, with --images)")
-
-
 def run_and_write(args: argparse.Namespace) -> dict[str, Any]:
     """Check the output paths, run, print the table, write the files."""
-    from .adapters import get_adapter
-
     out = Path(args.out)
     if out.suffix in (".json", ".md", ".html") or out.name in ("", "..", "."):
         raise ConfigError(f"--out {args.out!r}: give a stem such as out/compare; <out>.json and <out>.md (and with "
                           "--images <out>.html) are written")
     json_path, md_path = (check_file_target(out.with_suffix(suffix)) for suffix in (".json", ".md"))
-    config = args.config or get_adapter(args.adapter).default_config
     html_path = check_file_target(out.with_suffix(".html")) if args.images else None
     pictures: dict[str, torch.Tensor] = {}
-    result = run_compare(args.adapter, config, [m for m in args.methods.split(",") if m], args.method_config,
-                         h_div_w=args.h_div_w, pn=args.pn, batch=args.batch, device=args.device, dtype=args.dtype,
-                         warmup=args.warmup, repeats=args.repeats, seed=args.seed, flops=not args.no_flops,
-                         images=args.images, pictures=pictures)
+    result = run_compare(args.adapter, args.config, [m for m in args.methods.split(",") if m], args.pass_config,
+                         h_div_w=args.h_div_w, pn=args.pn, batch=args.batch_size, device=args.device,
+                         dtype=args.dtype, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
+                         flops=not args.no_flops, images=args.images, pictures=pictures, checkpoint=args.checkpoint,
+                         vae=args.vae, text_encoder=args.text_encoder)
     text = markdown(result)
     print(text)
-    json_path.write_text(json.dumps(result, indent=2, default=str))
+    write_json_atomic(json_path, result)
     md_path.write_text(text)
     written = [json_path, md_path]
     if html_path is not None:

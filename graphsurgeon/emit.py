@@ -2,15 +2,45 @@
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from .adapters import ModelAdapter
 from .capture import CapturedModel, CaptureReport, capture
+from .errors import ConfigError
 from .passes import order_passes
 from .report import snapshot, stats_entries_with
 from .runner import GraphRunner
+
+DEFAULT_MAX_GRAPH_SETS = 8
+"""Graph sets kept per optimized model. A set costs what its constants and code cost (about 8 MiB each on
+the tiny text-conditional test model: 20 prompt lengths took 167 MiB), not the weights, which every set shares with the model."""
+
+
+@dataclass(frozen=True)
+class _GraphSet:
+    """One specialisation's graphs, as the passes rewrote them, with what the report needs of them."""
+
+    captured: CapturedModel
+    edits: list[dict]
+    snapshots: dict
+
+
+@dataclass(frozen=True)
+class GraphCacheInfo:
+    """The graph-set cache of an optimized model (:meth:`OptimizedModel.cache_info`)."""
+
+    hits: int
+    """Calls (``generate``, ``capture``) whose specialisation key was cached."""
+    captures: int
+    """Graph sets captured (each a call whose key was not cached)."""
+    evictions: int
+    """Sets dropped, least recently used first, to keep at most ``max_size``."""
+    size: int
+    max_size: int
 
 
 class OptimizedModel:
@@ -18,22 +48,32 @@ class OptimizedModel:
 
     ``generate`` has the adapter's baseline signature and validates its arguments as the baseline does, before
     any work. Graphs are specialised (see the capture report), so a call whose specialisation key differs from
-    earlier calls (another schedule, batch size or prompt lengths) captures a new set first; sets are cached.
+    earlier calls (another schedule, batch size or prompt lengths) captures a new set first. The last
+    ``max_graph_sets`` sets used are cached; a new one beyond that evicts the least recently used
+    (:meth:`cache_info` counts hits, captures and evictions). Prompt lengths are not bucketed: padding a prompt's
+    text to a bucket length behind masked keys changes the text attention's reduction, hence its last-place results (35 of the
+    lengths 1-39 padded to a multiple of 16, CPU SDPA), and a pass-free optimized model equals the baseline bit
+    for bit; so each tuple of prompt lengths is its own set.
 
     Threads: ``generate`` may be called from several threads at once. What a call changes (the passes' runtimes,
     its stats) is its own; the cached graph sets are shared, hold no per-call state, and are captured once per
-    key (a second thread needing the same key waits for the first). ``extra_runtimes`` and ``runner_wrappers``
-    are observers set before calls; every call running while they are set uses them.
+    key (a second thread needing the same key waits for the first). A call holds the set it runs on, so a set
+    evicted meanwhile by another thread's capture stays whole for that call. ``extra_runtimes`` and
+    ``runner_wrappers`` are observers set before calls; every call running while they are set uses them.
     """
 
-    def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, passes: list):
+    def __init__(self, model: torch.nn.Module, adapter: ModelAdapter, passes: list,
+                 max_graph_sets: int = DEFAULT_MAX_GRAPH_SETS):
+        if isinstance(max_graph_sets, bool) or not isinstance(max_graph_sets, int) or max_graph_sets < 1:
+            raise ConfigError(f"max_graph_sets must be an integer >= 1, got {max_graph_sets!r}")
         self.model, self.adapter, self.passes = model, adapter, passes
         self._ordered = order_passes(passes)  # applied in the order their runs_before constraints give
-        self._captured: dict[Any, CapturedModel] = {}
-        self._edits: dict[Any, list[dict]] = {}
-        self._snapshots: dict[Any, dict] = {}
-        self._capture_lock = threading.Lock()
-        self._last_key: Optional[Any] = None
+        self.max_graph_sets = max_graph_sets
+        self._sets: OrderedDict[Any, _GraphSet] = OrderedDict()  # least recently used first
+        self._last: Optional[tuple[Any, _GraphSet]] = None  # the last call's key and set (kept even when evicted)
+        self._hits = self._captures = self._evictions = 0
+        self._cache_lock = threading.Lock()  # the cache's state; held only for short bookkeeping
+        self._capture_lock = threading.Lock()  # one capture at a time; taken before _cache_lock, never after
         self._last_stats: dict[str, Any] = {}
         self._stats_lock = threading.Lock()
         self.extra_runtimes: list = []  # observers that change nothing (e.g. a FLOP counter)
@@ -44,23 +84,49 @@ class OptimizedModel:
     def capture(self, **generate_kwargs: Any) -> CapturedModel:
         """The graph set for these generation arguments, captured on first use. The arguments are validated
         first, so a rejected call captures and caches nothing."""
-        return self._graphs_for(self.adapter.validate(self.model, **generate_kwargs))
+        return self._graphs_for(self.adapter.validate(self.model, **generate_kwargs)).captured
 
-    def _graphs_for(self, args: Any) -> CapturedModel:
-        """The graph set for checked arguments (the adapter's ``validate`` result)."""
+    def cache_info(self) -> GraphCacheInfo:
+        """Hits, captures and evictions of the graph-set cache so far, and its size now."""
+        with self._cache_lock:
+            return GraphCacheInfo(self._hits, self._captures, self._evictions, len(self._sets), self.max_graph_sets)
+
+    def _graphs_for(self, args: Any) -> _GraphSet:
+        """The graph set for checked arguments (the adapter's ``validate`` result), from the cache or captured."""
         key = self.adapter.capture_key(self.model, args)
-        captured = self._captured.get(key)
-        if captured is None:
+        graph_set = self._lookup(key)
+        if graph_set is None:
             with self._capture_lock:
-                captured = self._captured.get(key)
-                if captured is None:
-                    captured = self._capture(key, args)
-        self._last_key = key
-        return captured
+                graph_set = self._lookup(key)  # another thread may have captured it while this one waited
+                if graph_set is None:
+                    graph_set = self._capture(args)
+                    self._store(key, graph_set)
+        with self._cache_lock:
+            self._last = (key, graph_set)
+        return graph_set
 
-    def _capture(self, key: Any, args: Any) -> CapturedModel:
-        """Capture, snapshot and rewrite one graph set; it is published (``_captured[key]`` last) only once
-        complete, so a failure caches nothing and readers without the lock never see a half-made set."""
+    def _lookup(self, key: Any) -> Optional[_GraphSet]:
+        """The cached set for ``key`` (now the most recently used), or None."""
+        with self._cache_lock:
+            graph_set = self._sets.get(key)
+            if graph_set is not None:
+                self._sets.move_to_end(key)
+                self._hits += 1
+            return graph_set
+
+    def _store(self, key: Any, graph_set: _GraphSet) -> None:
+        """Cache a complete set, evicting the least recently used beyond ``max_graph_sets``. An evicted set is
+        only unreferenced here: a call running on it keeps it."""
+        with self._cache_lock:
+            self._sets[key] = graph_set
+            self._captures += 1
+            while len(self._sets) > self.max_graph_sets:
+                self._sets.popitem(last=False)
+                self._evictions += 1
+
+    def _capture(self, args: Any) -> _GraphSet:
+        """Capture, snapshot and rewrite one graph set; it is cached only once complete, so a failure caches
+        nothing and no reader ever sees a half-made set."""
         captured = capture(self.adapter.capture_plan(self.model, args))
         snapshots = {("scale", s.index): snapshot(s.module) for s in captured.scales}
         snapshots.update({(name, g.index): snapshot(g.module)
@@ -68,16 +134,13 @@ class OptimizedModel:
         edits = []
         for graph_pass in self._ordered:
             edits += [edit.as_dict() for edit in graph_pass(captured).edits]
-        self._edits[key] = edits
-        self._snapshots[key] = snapshots
-        self._captured[key] = captured
-        return captured
+        return _GraphSet(captured, edits, snapshots)
 
     def generate(self, **kwargs: Any):
         """The adapter's sampler on the graphs. The returned output's ``stats`` are this call's (as ``stats``
         describes); ``fast.stats`` becomes them when the call completes."""
         args = self.adapter.validate(self.model, **kwargs)
-        captured = self._graphs_for(args)
+        captured = self._graphs_for(args).captured  # held to the end of the call, evicted or not
         with_runtime = [(p, p.runtime(captured)) for p in self.passes]
         passes = [p for p, runtime in with_runtime if runtime is not None]
         runtimes = [runtime for _, runtime in with_runtime if runtime is not None]
@@ -124,13 +187,18 @@ class OptimizedModel:
     @property
     def edits(self) -> list[dict]:
         """The graph edits the passes made to the current graph set (nodes added, inputs rewired, …)."""
-        self._current()
-        return self._edits[self._last_key]
+        return self._current_set().edits
+
+    def _current_set(self) -> _GraphSet:
+        """The set the last call used (the adapter's default capture before any call)."""
+        with self._cache_lock:
+            last = self._last
+        if last is None:
+            return self._graphs_for(self.adapter.validate(self.model, **self.adapter.capture_args(self.model)))
+        return last[1]
 
     def _current(self) -> CapturedModel:
-        if self._last_key is None:
-            self.capture(**self.adapter.capture_args(self.model))
-        return self._captured[self._last_key]
+        return self._current_set().captured
 
     def graph_modules(self) -> list[torch.fx.GraphModule]:
         """The GraphModules the last ``generate`` ran (or the adapter's default capture), one per scale."""

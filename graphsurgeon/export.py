@@ -8,14 +8,26 @@ the scale's token count as input (LHEP ranks the scale's grid) and its data-depe
 running rows) stay dynamic inside: it is checked on the passes' example inputs (e.g. every CFG row running, then
 one dropped; two residuals keeping different token counts). The file is checked with
 ``onnx.checker.check_model(full_check=True)`` and run in onnxruntime against the PyTorch graph; the PyTorch
-copy with traceable forms is also compared with the graph as it runs.
+copy with traceable forms is also compared with the graph as it runs. torch.onnx's notices that concern no
+export here (an optional torchvision it skips, a deprecation inside torch) are silenced; its errors are not.
+
+The export is built in a hidden folder inside the target and moved into place only once complete: a failed
+ONNX step, an error or an interrupt (SIGINT, SIGTERM) leaves the previous export there as it was.
 """
 from __future__ import annotations
 
 import copy
 import html
 import json
+import logging
+import os
+import re
+import shutil
+import uuid
+import warnings
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -26,10 +38,13 @@ from .capture import CapturedModel, ScaleGraph
 from .capture.dynamic import generalize_token_count
 from .errors import ConfigError, GraphsurgeonError
 from .graph_view import describe_target
+from .jsonio import terminate_as_interrupt, to_strict_json
 from .meta import annotations
 from .rewrite import EXPORT_FORMS, example_value
 
 MANIFEST_SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _ROLE_COLOURS = {"token_side_input": "#fde2b8", "kv_cache_append": "#cfe3ff", "token_count": "#e2f0d9"}
 
 
@@ -110,6 +125,7 @@ def _export_copy(scale: ScaleGraph, decompositions: dict) -> torch.fx.GraphModul
     """A copy of the scale graph with opaque ops decomposed, inserted functions in traceable form, and (when no
     pass rewrote it) the token count symbolic."""
     module = torch.fx.GraphModule(scale.module, copy.deepcopy(scale.module.graph))
+    module.training = False  # an inference step (the flag only: the submodules are the model's own)
     replacements = {**EXPORT_FORMS, **decompositions}
     for node in module.graph.nodes:
         if node.op == "call_function" and node.target in replacements:
@@ -161,12 +177,12 @@ def export_onnx(captured: CapturedModel, scale_index: int, path: Union[str, Path
     if not inserted:
         tokens_dim = torch.export.Dim("tokens", min=2, max=max(2 * scale.tokens, 4))
         dynamic = tuple({scale.token_axis: tokens_dim} if name == scale.token_input else None for name in names)
-    with torch.no_grad():
+    with torch.no_grad(), _known_notices_silenced():
         try:
             program = torch.onnx.export(module, tuple(inputs), dynamo=True, dynamic_shapes=dynamic,
                                         input_names=names, verbose=False)
         except Exception as err:
-            raise GraphsurgeonError(f"ONNX export of scale {scale_index} failed: {type(err).__name__}: {err}") from err
+            raise GraphsurgeonError(f"ONNX export of scale {scale_index} failed: {_root_cause(err)}") from err
     program.save(str(path))
     model = onnx.load(str(path))
     entry: dict[str, Any] = {
@@ -183,6 +199,39 @@ def export_onnx(captured: CapturedModel, scale_index: int, path: Union[str, Path
         entry["checker"] = "onnx.checker.check_model(full_check=True): passed"
         entry["onnxruntime"] = _compare_with_onnxruntime(path, module, scale, captured.example_values, bool(inserted))
     return entry
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost cause of ``err`` on one line, without the terminal colour codes torch.onnx puts in its
+    messages (its outer error is a page of advice around the cause)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = [line.strip() for line in _ANSI_ESCAPE.sub("", str(err)).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0] if lines else 'no message'}"
+
+
+class _DropTorchvisionNotice(logging.Filter):
+    """torch.onnx logs, on every export, that it skips torchvision's ops when torchvision is not installed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("torchvision is not installed")
+
+
+@contextmanager
+def _known_notices_silenced() -> Iterator[None]:
+    """Silence the third-party notices every export prints that concern nothing exported here: torch.onnx's
+    "torchvision is not installed" log lines and torch's own ``LeafSpec`` deprecation warning (raised inside
+    torch.export). Every other warning and every error still shows."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    notice = _DropTorchvisionNotice()
+    registration.addFilter(notice)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        registration.removeFilter(notice)
 
 
 def _compare_with_onnxruntime(path, module: torch.fx.GraphModule, scale: ScaleGraph, real: dict,
@@ -229,27 +278,31 @@ def resolve_onnx_scale(onnx_scale: int, n_scales: int) -> int:
     return onnx_scale % n_scales
 
 
-def _earlier_export_files(directory: Path) -> list[Path]:
-    """The files an earlier export's ``manifest.json`` in ``directory`` lists (and the manifest itself)."""
-    manifest_path = directory / "manifest.json"
+def _earlier_export_files(directory: Path) -> list[str]:
+    """The names of the files an earlier export's ``manifest.json`` in ``directory`` lists (without the manifest);
+    a ``manifest.json`` that is not an export's is refused, saying what to do."""
+    manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         return []
+    manifest: Any = None
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         names = [name for entry in manifest["graphs"] for name in entry["files"]]
         names += [name for entries in manifest.get("regions", {}).values() for entry in entries for name in entry["files"]]
         if "onnx" in manifest:
             names += [manifest["onnx"]["file"], manifest["onnx"]["file"] + ".data"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"{manifest_path} is not a graphsurgeon export manifest ({type(err).__name__}: {err}); "
-                          "export into another folder") from None
-    listed = [directory / name for name in names if isinstance(name, str) and Path(name).name == name]
-    return [path for path in listed if path.is_file()] + [manifest_path]
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        found = ("a graphsurgeon generate run's" if isinstance(manifest, dict) and "images" in manifest
+                 else f"{type(err).__name__}: {err}")
+        raise ConfigError(f"{manifest_path} is not a graphsurgeon export manifest ({found}); export into a new or "
+                          f"empty folder, e.g. {directory / 'export'}") from None
+    return [name for name in names if isinstance(name, str) and Path(name).name == name
+            and name not in ("", ".", "..", MANIFEST) and (directory / name).is_file()]
 
 
 def prepare_export_directory(directory: Union[str, Path]) -> Path:
-    """Create ``directory``, or remove the files an earlier export there listed in its manifest (nothing else);
-    refuse a file, or a ``manifest.json`` that is not an export's."""
+    """Check that ``directory`` can take an export and create it: refuse a file, or a ``manifest.json`` that is not
+    an export's. Nothing in it is removed here (see :func:`export_captured`)."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"export directory {directory} is an existing file")
@@ -257,9 +310,33 @@ def prepare_export_directory(directory: Union[str, Path]) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError(f"export directory {directory} cannot be created: {err.strerror}") from None
-    for path in _earlier_export_files(directory):
-        path.unlink()
+    _earlier_export_files(directory)
     return directory
+
+
+@contextmanager
+def _staging_folder(directory: Path) -> Iterator[Path]:
+    """A hidden folder in ``directory`` to build the export in (the same file system, so moving a file out of it
+    is a rename); removed afterwards, whatever happened."""
+    staging = directory / f".export.{uuid.uuid4().hex[:12]}.part"
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_in(staging: Path, directory: Path, earlier: list[str]) -> None:
+    """Move the complete export from ``staging`` into ``directory``: the earlier manifest goes first (it must never
+    list a file already replaced), then every new file is renamed into place, the files the earlier export listed
+    and this one does not are removed (nothing else), and the new manifest comes last."""
+    names = sorted(path.name for path in staging.iterdir() if path.name != MANIFEST)
+    (directory / MANIFEST).unlink(missing_ok=True)
+    for name in names:
+        os.replace(staging / name, directory / name)
+    for name in sorted(set(earlier) - set(names)):
+        (directory / name).unlink(missing_ok=True)
+    os.replace(staging / MANIFEST, directory / MANIFEST)
 
 
 def _write_graph(directory: Path, stem: str, module: torch.fx.GraphModule) -> list[str]:
@@ -272,22 +349,26 @@ def _write_graph(directory: Path, stem: str, module: torch.fx.GraphModule) -> li
 def export_captured(captured: CapturedModel, directory: Union[str, Path], onnx_scale: Optional[int] = -1,
                     check: bool = True) -> dict[str, Any]:
     """Write every scale graph (and every region graph, e.g. the residual step) as readable Python, DOT and
-    SVG, one scale as ONNX, and ``manifest.json`` listing per graph the nodes passes inserted. The files an
-    earlier export's manifest in ``directory`` lists are removed first, so none is left stale beside the new one."""
+    SVG, one scale as ONNX, and ``manifest.json`` (strict JSON) listing per graph the nodes passes inserted. The
+    export is built aside and moved in only once complete; the files an earlier export's manifest in
+    ``directory`` lists are then removed, so none is left stale beside the new one (other files are kept)."""
     index = resolve_onnx_scale(onnx_scale, len(captured.scales)) if onnx_scale is not None else None
     directory = prepare_export_directory(directory)
-    graphs = []
-    for scale in captured.scales:
-        graphs.append({"scale": scale.index, "grid": list(scale.grid), "tokens": scale.tokens,
-                       "nodes": len(scale.module.graph.nodes), "inserted_by_passes": rewritten_by_passes(scale.module),
-                       "files": _write_graph(directory, f"scale_{scale.index:02d}", scale.module)})
-    regions = {name: [{"scale": graph.index, "nodes": len(graph.module.graph.nodes),
-                       "inserted_by_passes": rewritten_by_passes(graph.module),
-                       "files": _write_graph(directory, f"{name}_{graph.index:02d}", graph.module)} for graph in region]
-               for name, region in captured.regions.items()}
-    manifest: dict[str, Any] = {"schema_version": MANIFEST_SCHEMA_VERSION, "torch": torch.__version__, "graphs": graphs,
-                                "regions": regions}
-    if index is not None:
-        manifest["onnx"] = export_onnx(captured, index, directory / f"scale_{index:02d}.onnx", check=check)
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    earlier = _earlier_export_files(directory)
+    with terminate_as_interrupt(), _staging_folder(directory) as staging:
+        graphs = []
+        for scale in captured.scales:
+            graphs.append({"scale": scale.index, "grid": list(scale.grid), "tokens": scale.tokens,
+                           "nodes": len(scale.module.graph.nodes), "inserted_by_passes": rewritten_by_passes(scale.module),
+                           "files": _write_graph(staging, f"scale_{scale.index:02d}", scale.module)})
+        regions = {name: [{"scale": graph.index, "nodes": len(graph.module.graph.nodes),
+                           "inserted_by_passes": rewritten_by_passes(graph.module),
+                           "files": _write_graph(staging, f"{name}_{graph.index:02d}", graph.module)} for graph in region]
+                   for name, region in captured.regions.items()}
+        manifest: dict[str, Any] = {"schema_version": MANIFEST_SCHEMA_VERSION, "torch": torch.__version__,
+                                    "graphs": graphs, "regions": regions}
+        if index is not None:
+            manifest["onnx"] = export_onnx(captured, index, staging / f"scale_{index:02d}.onnx", check=check)
+        (staging / MANIFEST).write_text(to_strict_json(manifest), encoding="utf-8")
+        _swap_in(staging, directory, earlier)
     return manifest

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -51,20 +50,13 @@ def latent_psnr(reference: torch.Tensor, other: torch.Tensor) -> Optional[float]
 
 def latent_ssim(reference: torch.Tensor, other: torch.Tensor) -> float:
     """SSIM over the latent's channels (Gaussian 11x11, sigma 1.5 where the map is that large, else the whole map
-    as one window), the constants scaled to the reference's value range."""
-    x, y = reference.double().flatten(0, 1)[:, None], other.double().flatten(0, 1)[:, None]
-    size = min(11, x.shape[-1], x.shape[-2])
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-coords.pow(2) / (2 * 1.5 ** 2))
-    window = (g[:, None] * g[None, :] / g.sum() ** 2)[None, None]
+    as one window), the constants scaled to the reference's value range; computed in strips of rows as the image
+    SSIM is (:func:`graphsurgeon.images.gaussian_ssim`), so memory stays bounded on large latents."""
+    from .images import gaussian_ssim
+
+    x, y = reference.double().flatten(0, 1), other.double().flatten(0, 1)
     peak = (reference.max() - reference.min()).double().item() or 1.0
-    c1, c2 = (0.01 * peak) ** 2, (0.03 * peak) ** 2
-    mu_x, mu_y = F.conv2d(x, window), F.conv2d(y, window)
-    var_x = F.conv2d(x * x, window) - mu_x ** 2
-    var_y = F.conv2d(y * y, window) - mu_y ** 2
-    cov = F.conv2d(x * y, window) - mu_x * mu_y
-    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
-    return index.mean().item()
+    return gaussian_ssim(x, y, min(11, x.shape[-1], x.shape[-2]), peak)
 
 
 @dataclass

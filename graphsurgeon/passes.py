@@ -10,9 +10,9 @@ import abc
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Annotated, Any, ClassVar, Optional, Sequence
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from .capture import CapturedModel
 from .errors import ConfigError
@@ -21,18 +21,34 @@ from .runner import PassRuntime
 
 
 class PassConfig(BaseModel):
-    """Base of every pass's settings: unknown keys are errors."""
+    """Base of every pass's settings: unknown keys and NaN/Inf numbers are errors (a NaN threshold compares
+    false with everything, so it would silently switch a rule off)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _distinct(scales: Optional[tuple[int, ...]]) -> Optional[tuple[int, ...]]:
+    repeated = sorted({s for s in scales or () if scales.count(s) > 1})
+    if repeated:
+        raise ValueError(f"scale(s) {repeated} listed twice; list each scale once")
+    return scales
+
+
+ScaleList = Annotated[Optional[tuple[int, ...]], AfterValidator(_distinct)]
+"""A pass config's ``scales`` field: scale indices (negative from the end), each at most once."""
 
 
 def resolve_scales(scales: Optional[Sequence[int]], last: int, n_scales: int, pass_name: str) -> tuple[int, ...]:
-    """Explicit scale indices (negative counts from the end), else the last ``last`` scales of the schedule."""
+    """Explicit scale indices (negative counts from the end), else the last ``last`` scales of the schedule. One
+    scale named twice (5 and -2 of 7) is refused: the pass would act on it once, not as listed."""
     if scales is not None:
         bad = [s for s in scales if not -n_scales <= s < n_scales]
         if bad:
             raise ConfigError(f"{pass_name}.scales {bad} are outside the schedule's {n_scales} scales")
-        return tuple(sorted({s % n_scales for s in scales}))
+        resolved = [s % n_scales for s in scales]
+        if len(set(resolved)) != len(resolved):
+            raise ConfigError(f"{pass_name}.scales {list(scales)} name one scale of the schedule's {n_scales} twice")
+        return tuple(sorted(resolved))
     if not 0 <= last <= n_scales:
         raise ConfigError(f"{pass_name}.last={last} is outside the schedule's {n_scales} scales")
     return tuple(range(n_scales - last, n_scales))
@@ -90,6 +106,13 @@ class GraphPass(abc.ABC):
     """What the pass takes over in a scale graph, each at most once per pass set: "token_selection" (which tokens
     of a scale are computed), "row_selection" (which batch rows run), "attention_pattern" (which keys each query
     attends to). Two enabled passes providing the same thing are refused before capture, naming both."""
+    traits: ClassVar[tuple[str, ...]] = ()
+    """What else the rewrite does that another pass may not run beside (shared, unlike ``provides``):
+    "scale_outputs" (adds outputs to the scale steps besides the logits and the state)."""
+    cannot_run_beside: ClassVar[tuple[str, ...]] = ()
+    """Capabilities (``provides``) or ``traits`` of other passes this pass cannot run with (e.g. a pass that needs
+    every row of a scale cannot run beside "row_selection"); such a pass set is refused when it is resolved,
+    naming both passes."""
 
     def __init__(self, config: PassConfig):
         self.config = config
@@ -155,8 +178,16 @@ def available_passes() -> list[str]:
     return sorted(_REGISTRY)
 
 
+_MEANING = {"row_selection": "a row guard choosing which batch rows run",
+            "token_selection": "a choice of which tokens of a scale are computed",
+            "attention_pattern": "a choice of the keys each query attends to",
+            "per_scale_outputs": "outputs added to each scale step it rewrites"}
+"""What each capability or trait means, for the refusal of a pass set."""
+
+
 def _check_composition(names: Sequence[str]) -> None:
-    """Refuse pass sets where two passes provide the same thing (they would both rewrite it)."""
+    """Refuse pass sets where two passes provide the same thing (they would both rewrite it), or where one pass
+    cannot run beside what another provides or does (``cannot_run_beside``)."""
     owner: dict[str, str] = {}
     for name in names:
         for capability in _REGISTRY[name].provides:
@@ -164,6 +195,14 @@ def _check_composition(names: Sequence[str]) -> None:
                 raise ConfigError(f"passes {owner[capability]!r} and {name!r} cannot be combined: both provide "
                                   f"{capability!r} (each decides it in its own way)")
             owner[capability] = name
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            reasons = [f"{a!r} cannot run beside {clash!r} ({_MEANING.get(clash, 'see docs/passes.md')}), which {b!r} has"
+                       for a, b in ((first, second), (second, first))
+                       for clash in sorted(set(_REGISTRY[a].cannot_run_beside)
+                                           & {*_REGISTRY[b].provides, *_REGISTRY[b].traits})]
+            if reasons:
+                raise ConfigError(f"passes {first!r} and {second!r} cannot be combined: {'; '.join(reasons)}")
 
 
 def resolve_passes(names: Sequence[str], config: Optional[dict[str, Any]] = None) -> list[GraphPass]:
@@ -172,8 +211,9 @@ def resolve_passes(names: Sequence[str], config: Optional[dict[str, Any]] = None
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ConfigError(f"unknown pass(es) {unknown}; available: {known}")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"a pass is listed twice in {list(names)}")
+    repeated = sorted({n for n in names if list(names).count(n) > 1})
+    if repeated:
+        raise ConfigError(f"pass(es) {repeated} listed twice in {list(names)}; list each pass once")
     _check_composition(names)
     config = dict(config or {})
     extra = sorted(set(config) - set(names))

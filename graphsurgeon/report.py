@@ -9,7 +9,10 @@ The HTML also has pictures, inline (PNG ``data:`` URIs and SVG, no scripts, noth
 one file that can be mailed or attached to CI: per LHEP scale and sample the keep mask (``lhep_masks`` in the
 data, recorded by the LHEP runtime as strings of "0"/"1"), per sample and scale the SATS decision
 (``sats_decisions``), and per scale the FLOPs as bars once :func:`graphsurgeon.flops.measure_flops` ran. The JSON
-carries the masks and decisions, not the pictures; the Markdown says where the pictures are.
+carries the masks and decisions, not the pictures; the Markdown says where the pictures are. The JSON is strict:
+a value that is not a finite number (gamma at a sample's first SATS scale, Delta where the branch did not run)
+is ``null``, never ``NaN``, so a browser's ``JSON.parse`` reads it. Files are written through a temporary name,
+so an interrupted write leaves the earlier report whole.
 
 Decoded images: the report only sees graphs and stats, not the decoder, so a caller that decoded the last
 ``generate`` passes its images, uint8 (B, H, W, 3) RGB, one per sample; the masks are then drawn over them
@@ -18,6 +21,9 @@ Decoded images: the report only sees graphs and stats, not the decoder, so a cal
     out = fast.generate(**kwargs)
     images = decode(out)                                     # the caller's decoder, uint8 (B, H, W, 3)
     DiffReport(build_report(fast, fast.last_flops, images=images)).write("report.html")
+
+``labels`` names the samples in the pictures (default "sample 0", ...; ``generate --report`` gives the image's
+index and prompt).
 
 ``fast.report`` is the same without images.
 """
@@ -36,6 +42,7 @@ import torch
 import torch.fx
 from PIL import Image, ImageDraw
 
+from .jsonio import to_strict_json, write_text_atomic
 from .meta import annotations
 
 REPORT_SCHEMA_VERSION = 1
@@ -76,13 +83,13 @@ def stats_entries_with(per_pass: dict[str, list[dict]], key: str) -> dict[int, d
     return {}
 
 
-def build_report(fast, flops: Optional[dict[str, Any]] = None, images: Optional[torch.Tensor] = None
-                 ) -> dict[str, Any]:
+def build_report(fast, flops: Optional[dict[str, Any]] = None, images: Optional[torch.Tensor] = None,
+                 labels: Optional[list[str]] = None) -> dict[str, Any]:
     """The report's data for ``fast``'s current graphs and last ``generate``; ``flops``: a
     :func:`graphsurgeon.flops.measure_flops` result; ``images``: that generation decoded, uint8 (B, H, W, 3),
-    kept under ``images`` for the HTML only (see the module docstring)."""
-    captured = fast._current()
-    snapshots = fast._snapshots[fast._last_key]
+    kept under ``images`` for the HTML only (see the module docstring); ``labels``: one name per sample."""
+    graph_set = fast._current_set()  # one read: another thread's call may change the current set meanwhile
+    captured, snapshots = graph_set.captured, graph_set.snapshots
     stats = fast.stats
     selected = list(stats_entries_with(stats, "kept").values())  # the token-selecting pass (LHEP, StepVAR, ...)
     guarded = list(stats_entries_with(stats, "uncond_ran").values())  # the row-selecting pass (SATS)
@@ -117,6 +124,8 @@ def build_report(fast, flops: Optional[dict[str, Any]] = None, images: Optional[
                                 for s in guarded]
     if images is not None:
         report["images"] = _checked_images(images, stats)
+    if labels is not None:
+        report["sample_labels"] = _checked_labels(labels, stats)
     return report
 
 
@@ -130,6 +139,21 @@ def _checked_images(images: torch.Tensor, stats: dict[str, Any]) -> torch.Tensor
     if summary and len(summary[0]["samples"]) != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images for a generation of {len(summary[0]['samples'])} samples")
     return images
+
+
+def _checked_labels(labels: list[str], stats: dict[str, Any]) -> list[str]:
+    """The caller's sample names, refused unless one string per sample of the last ``generate``."""
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise ValueError(f"labels must be a list of strings, got {labels!r}")
+    summary = stats.get("summary")
+    if summary and len(summary[0]["samples"]) != len(labels):
+        raise ValueError(f"{len(labels)} labels for a generation of {len(summary[0]['samples'])} samples")
+    return labels
+
+
+def _sample_label(report: dict[str, Any], sample: int) -> str:
+    labels = report.get("sample_labels")
+    return labels[sample] if labels else f"sample {sample}"
 
 
 def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -262,12 +286,13 @@ def _masks_html(report: dict[str, Any]) -> str:
         f"<th>scale {m['scale']} ({m['grid'][0]}&times;{m['grid'][1]} tokens)</th>" for m in masks)
     rows = []
     for sample, background in enumerate(backgrounds):
-        cells = [f"<th>{sample}</th>"]
+        name = _sample_label(report, sample)
+        cells = [f"<th>{html.escape(name)}</th>"]
         if background is not None:
-            cells.append(f"<td>{_img(background, 'decoded', f'sample {sample} decoded', sample=sample)}</td>")
+            cells.append(f"<td>{_img(background, 'decoded', f'{name} decoded', sample=sample)}</td>")
         for m in masks:
             kept = m["kept"][sample]
-            label = f"scale {m['scale']}, sample {sample}: {kept} of {m['tokens']} tokens kept"
+            label = f"scale {m['scale']}, {name}: {kept} of {m['tokens']} tokens kept"
             picture = mask_picture(m["masks"][sample], background)
             cells.append(f"<td>{_img(picture, 'keep-mask', label, scale=m['scale'], sample=sample)}"
                          f"<br>{kept}/{m['tokens']} kept</td>")
@@ -278,17 +303,25 @@ def _masks_html(report: dict[str, Any]) -> str:
 
 
 def _number(value: Optional[float]) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.4g}"
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.4g}"
+
+
+def _sats_threshold(report: dict[str, Any]) -> str:
+    """The SATS threshold as the report's pass list gives it (its setting is named ``delta``)."""
+    config = next((p["config"] for p in report["passes"] if p["name"] == "sats"), {})
+    return f" delta = {config['delta']:.4g}" if "delta" in config else ""
 
 
 def _sats_html(report: dict[str, Any]) -> str:
     """The SATS strip: a row per sample, a column per scale; a cell says whether the sample's unconditional branch
-    ran there, and whether the guard stopped it after (Delta and gamma in the title)."""
+    ran there and whether the guard stopped it after, and shows gamma (what the stop is decided on) above Delta
+    (the branches' discrepancy gamma is computed from)."""
     decisions = report["sats_decisions"]
     head = "<th>sample</th>" + "".join(f"<th>{d['scale']}</th>" for d in decisions)
     rows = []
     for sample in range(len(decisions[0]["uncond_ran"])):
-        cells = [f"<th>{sample}</th>"]
+        name = _sample_label(report, sample)
+        cells = [f"<th>{html.escape(name)}</th>"]
         for d in decisions:
             ran, stops = d["uncond_ran"][sample], d["stopped_after"][sample]
             state = "stops" if ran and stops else "ran" if ran else "skipped"
@@ -296,9 +329,11 @@ def _sats_html(report: dict[str, Any]) -> str:
             gamma = d["gamma"][sample] if d["gamma"] is not None else None
             what = {"ran": "unconditional branch ran", "stops": "unconditional branch ran, stopped after this scale",
                     "skipped": "unconditional branch stopped (conditional logits only)"}[state]
-            title = f"scale {d['scale']}, sample {sample}: {what}; Delta {_number(delta)}, gamma {_number(gamma)}"
+            title = f"scale {d['scale']}, {name}: {what}; gamma {_number(gamma)}, Delta {_number(delta)}"
             text = {"ran": "ran", "stops": "stop", "skipped": "&ndash;"}[state]
-            if delta is not None and not math.isnan(delta):
+            if gamma is not None and math.isfinite(gamma):
+                text += f"<br><small>&gamma; {_number(gamma)}</small>"
+            if delta is not None and math.isfinite(delta):
                 text += f"<br><small>&Delta; {_number(delta)}</small>"
             cells.append(f'<td class="sats-cell {state}" data-sample="{sample}" data-scale="{d["scale"]}" '
                          f'data-uncond="{int(ran)}" data-stopped-after="{int(stops)}" title="{html.escape(title)}">'
@@ -306,7 +341,12 @@ def _sats_html(report: dict[str, Any]) -> str:
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return ('<h3>SATS: unconditional branch per sample and scale</h3><p><span class="swatch ran"></span> ran '
             '&nbsp;<span class="swatch stops"></span> ran, then stopped by the guard &nbsp;'
-            '<span class="swatch skipped"></span> stopped (Delta and gamma in each cell\'s title)</p>'
+            '<span class="swatch skipped"></span> stopped</p>'
+            f'<p id="sats-rule"><b>&gamma; decides</b>: a sample&rsquo;s unconditional branch stops after the first '
+            f'scale where &gamma; = |&Delta;<sub>k</sub> &minus; &Delta;<sub>prev</sub>| / &Delta;<sub>prev</sub> is below '
+            f'the threshold{html.escape(_sats_threshold(report))}. Each cell shows &gamma; (none at a sample&rsquo;s first '
+            'scale: there is no &Delta;<sub>prev</sub>) and below it &Delta;, the RMS difference of the two branches&rsquo; '
+            'logits.</p>'
             f'<table id="sats-strip"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
@@ -388,19 +428,18 @@ def to_html(report: dict[str, Any]) -> str:
 
 
 def to_json(report: dict[str, Any]) -> str:
-    """The data as JSON: masks as their strings; decoded images are left out (they are the caller's pixels, drawn
-    only in the HTML)."""
-    return json.dumps({k: v for k, v in report.items() if k != "images"}, indent=2, default=str)
+    """The data as strict JSON (non-finite numbers as null): masks as their strings; decoded images are left out
+    (they are the caller's pixels, drawn only in the HTML)."""
+    return to_strict_json({k: v for k, v in report.items() if k != "images"})
 
 
 def write_report(report: dict[str, Any], path: Union[str, Path]) -> Path:
-    """Write as HTML, Markdown or JSON, chosen by the file suffix."""
+    """Write as HTML, Markdown or JSON, chosen by the file suffix (through a temporary name in the same folder)."""
     path = Path(path)
     text = {".html": to_html, ".md": to_markdown, ".json": to_json}.get(path.suffix)
     if text is None:
         raise ValueError(f"report path {path} must end in .html, .md or .json")
-    path.write_text(text(report))
-    return path
+    return write_text_atomic(path, text(report))
 
 
 class DiffReport:

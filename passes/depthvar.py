@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Literal, Optional
 import torch
 import torch.fx
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from graphsurgeon.capture.blocks import BlockRegion, block_regions
 from graphsurgeon.capture.token_axes import propagate_axis
@@ -57,6 +57,15 @@ class DepthVARConfig(PassConfig):
         "cached_delta", description="what a skipped token gets from a block: the block's upsampled change at the "
                                     "previous scale (the paper), or nothing (pure residual pass-through)")
     blend: bool = Field(True, description="weight each token's code by its processed depth d / L")
+
+    @field_validator("reference_scale")
+    @classmethod
+    def _not_the_first_scale(cls, value: int) -> int:
+        """Scale 0 computes one token: a budget at its cost would leave the later scales no token to compute."""
+        if value == 0:
+            raise ValueError("reference_scale 0 is the one-token first scale; give 1 or later (negative counts from "
+                             "the end, e.g. -4)")
+        return value
 
 
 # -- the schedule -----------------------------------------------------------------------------------------------
@@ -174,6 +183,10 @@ class DepthVAR(GraphPass):
     name: ClassVar[str] = PASS
     Config: ClassVar[type[PassConfig]] = DepthVARConfig
     provides: ClassVar[tuple[str, ...]] = ("token_selection", "attention_pattern")
+    traits: ClassVar[tuple[str, ...]] = ("per_scale_outputs",)  # each block's change, read at the next scale
+    cannot_run_beside: ClassVar[tuple[str, ...]] = ("row_selection",)
+    """The depth map and the cached block changes are per row of the doubled batch: a row guard (SATS, SkipVAR)
+    that drops rows would leave the next scale without the changes of the dropped rows."""
 
     def scales(self, n_scales: int) -> tuple[int, ...]:
         return tuple(range(self.reference(n_scales) + 1, n_scales))
@@ -182,6 +195,9 @@ class DepthVAR(GraphPass):
         r = self.config.reference_scale
         if not -n_scales <= r < n_scales:
             raise ConfigError(f"{PASS}.reference_scale={r} is outside the schedule's {n_scales} scales")
+        if r % n_scales == 0:
+            raise ConfigError(f"{PASS}.reference_scale={r} is the one-token first scale of the schedule's {n_scales}; "
+                              "give a later one")
         return r % n_scales
 
     def acting(self, captured) -> tuple[int, ...]:

@@ -34,7 +34,7 @@ from graphsurgeon.capture.dynamic import generalize_axis
 from graphsurgeon.capture.token_axes import propagate_axis
 from graphsurgeon.errors import ConfigError
 from graphsurgeon.meta import annotations
-from graphsurgeon.passes import GraphEdit, GraphPass, PassConfig, register_pass
+from graphsurgeon.passes import ScaleList, GraphEdit, GraphPass, PassConfig, register_pass
 from graphsurgeon.rewrite import TOKEN_VALIDITY_ARG, add_input, add_outputs, export_form, tag
 from graphsurgeon.runner import PassRuntime
 
@@ -100,7 +100,7 @@ def fixed_keep_mask_traceable(energy: torch.Tensor, fraction: float) -> torch.Te
 
 class LHEPConfig(PassConfig):
     rho: float = Field(0.5, gt=0.0, le=1.0, description="fraction of high-frequency energy the kept tokens hold")
-    scales: Optional[tuple[int, ...]] = Field(None, description="scale indices (negative from the end)")
+    scales: ScaleList = Field(None, description="scale indices (negative from the end), each once")
     last: int = Field(3, ge=0, description="without `scales`: the last this many scales")
     keep_fraction: Optional[dict[int, float]] = Field(
         None, description="benchmark-only fixed operating point: per LHEP scale (negative from the end), keep this "
@@ -124,6 +124,7 @@ class LHEP(GraphPass):
     Config: ClassVar[type[PassConfig]] = LHEPConfig
     provides: ClassVar[tuple[str, ...]] = ("token_selection",)
     runs_before: ClassVar[tuple[str, ...]] = ("sparvar",)  # it masks the attention LHEP gathered for
+    traits: ClassVar[tuple[str, ...]] = ("per_scale_outputs",)  # the keep mask and the KV validity of each scale
 
     def mask(self, previous_residual: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Kept tokens (B, h*w) of a scale with token grid ``grid`` given R_{k-1} (B, C, h', w')."""

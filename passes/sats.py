@@ -31,7 +31,7 @@ from graphsurgeon.capture.dynamic import generalize_axis
 from graphsurgeon.capture.token_axes import propagate_axis
 from graphsurgeon.errors import ConfigError
 from graphsurgeon.meta import annotate, annotations
-from graphsurgeon.passes import GraphEdit, GraphPass, PassConfig, register_pass
+from graphsurgeon.passes import ScaleList, GraphEdit, GraphPass, PassConfig, register_pass
 from graphsurgeon.rewrite import TOKEN_VALIDITY_ARG, add_input, add_outputs, export_form
 from graphsurgeon.runner import GuidanceRule, PassRuntime
 
@@ -82,7 +82,7 @@ class GuardState:
 class SATSConfig(PassConfig):
     delta: float = Field(0.15, ge=0.0, description="stop once the relative change of Delta falls below this")
     eps: float = Field(1e-8, gt=0.0, description="added to Delta_prev in gamma's denominator")
-    scales: Optional[tuple[int, ...]] = Field(None, description="scale indices (negative from the end)")
+    scales: ScaleList = Field(None, description="scale indices (negative from the end), each once")
     last: int = Field(4, ge=0, description="without `scales`: the last this many scales")
     stop_scale: Optional[int] = Field(
         None, description="benchmark-only fixed operating point: every sample stops its unconditional branch at this "
@@ -98,6 +98,7 @@ class SATS(GraphPass):
     Config: ClassVar[type[PassConfig]] = SATSConfig
     runs_before: ClassVar[tuple[str, ...]] = ("lhep", "stepvar", "depthvar", "fastvar", "sparvar")  # they act on the rows the guard lets through
     provides: ClassVar[tuple[str, ...]] = ("row_selection",)
+    traits: ClassVar[tuple[str, ...]] = ("per_scale_outputs",)  # the guard's rows of each SATS scale
 
     def requires(self, captured) -> None:
         """CFG on a doubled batch, and on every guarded scale: the per-row inputs, the logits, and state whose

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Optional
 import torch
 import torch.fx
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from graphsurgeon.errors import ConfigError
 from graphsurgeon.meta import annotations
@@ -49,9 +49,11 @@ MAX_STEPS = 3
 
 class LinearRule(BaseModel):
     """A standardised linear classifier over (change, ratio): class = argmax(coef @ ((x - mean) / scale) + intercept)
-    over ``classes`` (one row of coefficients: the binary form, the second class where the score is positive)."""
+    over ``classes`` (one row of coefficients: the binary form, the second class where the score is positive).
+    NaN/Inf coefficients are refused: Python's JSON parser accepts ``NaN`` and the ±inf literals, and a NaN score picks a class
+    without any word."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     mean: tuple[float, float]
     scale: tuple[float, float]
     coef: tuple[tuple[float, float], ...]
@@ -80,7 +82,7 @@ class LinearRule(BaseModel):
 class SkipVARRules(BaseModel):
     """The JSON a user gives (``coefficients``): ``skip`` picks k, ``cond_only`` picks j (used where k = 0)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     skip: LinearRule
     cond_only: LinearRule
 
@@ -122,8 +124,9 @@ def load_rules(path: str) -> SkipVARRules:
     except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as err:
         raise ValueError(f"coefficients file {path!r} is not a JSON object of rules (the released classifiers are "
                          f"pickles, which are never loaded: write their coefficients as JSON): {err}") from None
-    except Exception as err:  # pydantic's ValidationError: name the file
-        raise ValueError(f"coefficients file {path!r}: {err}") from None
+    except ValidationError as err:  # name the file and each bad key
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"coefficients file {path!r}: {problems}") from None
 
 
 # -- the decision ---------------------------------------------------------------------------------------------
@@ -189,6 +192,9 @@ class SkipVAR(GraphPass):
     Config: ClassVar[type[PassConfig]] = SkipVARConfig
     provides: ClassVar[tuple[str, ...]] = ("row_selection",)
     runs_before: ClassVar[tuple[str, ...]] = ("lhep", "stepvar", "depthvar", "fastvar", "sparvar")
+    cannot_run_beside: ClassVar[tuple[str, ...]] = ("per_scale_outputs",)
+    """A step SkipVAR answers without running it (every sample halted) has only the logits and the state: the
+    outputs another pass adds to each scale it rewrites would be missing."""
 
     def plan(self, captured) -> tuple[int, int, tuple[int, ...]]:
         """(decision scale, preview scale, the scales a decision can act on)."""

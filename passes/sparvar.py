@@ -13,11 +13,14 @@ prefills one, then every earlier scale's tokens, then scale k's own). Which ones
   keys of the decision group its position falls in (rescaled to D's grid), plus a local window in every scale
   after D up to its own (``local_windows``), plus the sink scales.
 
-Positions and grids come from the captured schedule (``captured.scales[i].grid``), never from widths. A query
-at (y, x) of an h_k x w_k grid is at (floor(y * h_s / h_k), floor(x * w_s / w_k)) on scale s's grid (the
-authors' convention); a window of odd size w covers offsets -(w-1)/2 .. (w-1)/2 there and is clipped at the
-grid's border (a corner query sees fewer keys, never shifted ones). Query groups are ``query_group``
-consecutive positions of D's grid in row-major order (the authors' 192, their kernel's query block).
+Positions and grids come from the captured schedule (``captured.scales[i].grid``), never from widths. A window
+around a query at (y, x) of an h_k x w_k grid is centred on scale s's grid at (round(y / h_k * h_s),
+round(x / w_k * w_s)) in float32, ties to even, as the mask of the implementation peers.md cites does (Lvar,
+``models/sparvar/basic_sparvar.py``; :func:`window_centre`); a window of odd size w covers offsets -(w-1)/2 ..
+(w-1)/2 there and is clipped at the grid's border (a corner query sees fewer keys, never shifted ones). The
+CS⁴A decision group of a query is that of the decision-grid cell its position falls in (floor(y * h_D / h_k),
+floor(x * w_D / w_k)), always on the grid. Query groups are ``query_group`` consecutive positions of D's grid
+in row-major order (the authors' 192, their kernel's query block).
 
 Choices where the paper (as summarised in peers.md) is silent or the authors' code is kernel-bound:
 - the defaults name widths of a 13-scale schedule; here ``windows`` and ``local_windows`` give the windows of
@@ -109,6 +112,7 @@ class SparVAR(GraphPass):
     name: ClassVar[str] = PASS
     Config: ClassVar[type[PassConfig]] = SparVARConfig
     provides: ClassVar[tuple[str, ...]] = ("attention_pattern",)
+    traits: ClassVar[tuple[str, ...]] = ("per_scale_outputs",)  # the key layout each sparsified scale hands on
 
     def requires(self, captured) -> None:
         """Self-attention over the KV cache on 2-D token grids at every SparVAR scale (not scale 0, which has no
@@ -508,6 +512,14 @@ def _key_ids(key_ids: Optional[torch.Tensor], key: torch.Tensor) -> torch.Tensor
     return key_ids if key_ids is not None else torch.arange(key.shape[-2], device=key.device)[None]
 
 
+def window_centre(query: torch.Tensor, extent: int, key_extent: torch.Tensor) -> torch.Tensor:
+    """A query coordinate on an ``extent`` grid rescaled to a ``key_extent`` grid as the cited implementation's
+    mask does (Lvar, ``models/sparvar/basic_sparvar.py``): ``round(query / extent * key_extent)`` in float32,
+    ties to even. Not clamped: near the far border of a much finer query grid it can be one past the last cell,
+    where the window then holds fewer keys (none with window 1)."""
+    return torch.round(query.to(torch.float32) / extent * key_extent).long()
+
+
 def window_allowed(query_positions: torch.Tensor, key_ids: torch.Tensor, grids: tuple[tuple[int, int], ...],
                    prefix: int, scale: int, radii: tuple[int, ...]) -> torch.Tensor:
     """(rows, n, L) bool: key j is within the window of radius ``radii[s]`` (s: the key's scale) around query
@@ -523,8 +535,8 @@ def window_allowed(query_positions: torch.Tensor, key_ids: torch.Tensor, grids: 
     key_y, key_x = local // widths[key_scale], local % widths[key_scale]
     height, width = grids[scale]
     query_y, query_x = (query_positions // width)[..., :, None], (query_positions % width)[..., :, None]
-    centre_y = query_y * heights[key_scale][..., None, :] // height
-    centre_x = query_x * widths[key_scale][..., None, :] // width
+    centre_y = window_centre(query_y, height, heights[key_scale][..., None, :])
+    centre_x = window_centre(query_x, width, widths[key_scale][..., None, :])
     reach = radius[key_scale][..., None, :]
     inside = ((key_y[..., None, :] - centre_y).abs() <= reach) & ((key_x[..., None, :] - centre_x).abs() <= reach)
     return inside | (key_ids < prefix)[..., None, :]

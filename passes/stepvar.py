@@ -1,24 +1,26 @@
 """StepVAR (arXiv 2603.01757): structure- and texture-guided token pruning at the late scales.
 
-The paper gives the method at abstract level only (no code exists); this is the reading used here, with every
-choice it leaves open written down in docs/pass_stepvar.md. At a StepVAR scale k the scale's own input tokens
-(the declared ``token_input``, (rows, tokens, C), row-major on the token grid ``grid[-2:]``) are ranked:
+No code was published. The scores follow the public description with formulas (as issue 18 summarises it: a
+texture score from the residual to an average pool, a structure score from the first principal component,
+``S = w * S_str + S_txt``); what that summary leaves open is chosen here and listed in docs/pass_stepvar.md. At a
+StepVAR scale k the scale's own input tokens (the declared ``token_input``, (rows, tokens, C), row-major on the
+token grid ``grid[-2:]``) are ranked:
 
-1. texture: the per-token energy of a 3x3 (5-point) Laplacian of the token map, summed over channels
-   (replicate padding, so a constant map has no texture at its border either);
-2. structure: the norm of each token's projection on the top ``components`` principal directions of the
-   sample's centred token features (an eigendecomposition of their C x C scatter matrix). A norm of the
-   projection on the principal subspace does not depend on the sign (or, within a degenerate group of
-   eigenvalues inside that subspace, the basis) that the eigensolver happens to return;
-3. each score divided by its mean over the sample's tokens (a score whose mean is 0 is 0 everywhere), then
-   ``alpha * texture + (1 - alpha) * structure``;
+1. texture S_txt: the norm over channels of each token's residual to the 3x3 average around it,
+   ``x - AvgPool3x3(x)`` (replicate padding, so a constant map has no texture at its border either);
+2. structure S_str: the norm of each token's projection on the top ``components`` (default 1: the first)
+   principal directions of the sample's centred token features (an eigendecomposition of their C x C scatter
+   matrix); the norm does not depend on the sign (or, within a degenerate group of eigenvalues inside that
+   subspace, the basis) that the eigensolver happens to return;
+3. ``S = structure_weight * S_str + S_txt``; both are norms of feature vectors, in the features' own units;
 4. the ``round(keep_ratio * tokens)`` (at least 1) highest scores are kept, equal scores: the earlier position.
 
 Scores come from the conditional row of each sample only (row r belongs to sample r % B), so both CFG rows of a
 sample compute the same tokens. Only kept tokens run through the blocks and enter the KV cache. Every sample
 keeps the same count, so the rows of a batch are equally long: no padding, and nothing in the cache that a later
-attention would have to hide (no key mask, no validity record between scales). At the exit each pruned position takes the logits of its nearest kept token on the grid (Euclidean, ties: the
-lowest position), so the sampler draws a dense map and the residual step runs unchanged.
+attention would have to hide (no key mask, no validity record between scales). At the exit each pruned position
+takes the logits of its nearest kept token on the grid (Euclidean, ties: the lowest position), so the sampler
+draws a dense map and the residual step runs unchanged.
 """
 from __future__ import annotations
 
@@ -48,31 +50,33 @@ _QUERY_BLOCK = 1 << 22
 class StepVARConfig(PassConfig):
     keep_ratio: float = Field(0.6, gt=0.0, le=1.0, description="fraction of each sample's tokens computed "
                                                                 "(1: every token, the unpruned model)")
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the texture score; the structure score "
-                                                          "gets 1 - alpha")
-    components: int = Field(3, ge=1, description="principal components of the structure score")
+    structure_weight: float = Field(1.0, ge=0.0, description="w in S = w * S_str + S_txt (0: texture only)")
+    components: int = Field(1, ge=1, description="principal components of the structure score (1: the first)")
     scales: Optional[tuple[int, ...]] = Field(None, description="scale indices (negative from the end)")
     last: int = Field(3, ge=0, description="without `scales`: the last this many scales")
 
 
 # -- scores and the nearest kept token (also what the rewrite inserts) ---------------------------------------
 def texture_scores(maps: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h*w): squared 5-point Laplacian summed over channels. A sum of differences to the
-    four neighbours of a replicate-padded map, not a convolution: equal neighbourhoods give bit-equal energies
-    and a flat one exactly 0 (``4c - c - c - c - c`` can round to something else)."""
+    """(B, C, h, w) -> (B, h*w): the norm over channels of ``x - AvgPool3x3(x)`` on a replicate-padded map.
+    Written as the mean of the differences to the 8 neighbours (the same quantity), not as a pooling: a flat
+    neighbourhood gives exactly 0 and equal neighbourhoods bit-equal scores (``x - sum(9 x) / 9`` can round)."""
     padded = F.pad(maps, (1, 1, 1, 1), mode="replicate")
-    centre = padded[..., 1:-1, 1:-1]
-    laplacian = ((centre - padded[..., :-2, 1:-1]) + (centre - padded[..., 2:, 1:-1])
-                 + (centre - padded[..., 1:-1, :-2]) + (centre - padded[..., 1:-1, 2:]))
-    return laplacian.pow(2).sum(dim=1).flatten(1)
+    height, width = maps.shape[-2:]
+    residual = torch.zeros_like(maps)
+    for dy in range(3):
+        for dx in range(3):
+            if (dy, dx) != (1, 1):
+                residual = residual + (maps - padded[..., dy:dy + height, dx:dx + width])
+    return (residual / 9).pow(2).sum(dim=1).sqrt().flatten(1)
 
 
 def structure_scores(features: torch.Tensor, components: int) -> torch.Tensor:
     """(n, C) one sample's tokens -> (n,): norm of each centred token's projection on the top ``components``
-    principal directions (eigenvectors of the C x C scatter matrix with the largest eigenvalues). The features
-    are shifted by the first token before centring (PCA does not see a shift), so a flat map is exactly 0 rather
-    than the rounding of its mean; the product is taken elementwise and summed, not by a matrix product, so
-    equal tokens get bit-equal scores."""
+    principal directions (eigenvectors of the C x C scatter matrix with the largest eigenvalues; with one, the
+    absolute value of the projection on the first). The features are shifted by the first token before
+    centring (PCA does not see a shift), so a flat map is exactly 0 rather than the rounding of its mean; the
+    product is taken elementwise and summed, not by a matrix product, so equal tokens get bit-equal scores."""
     shifted = features - features[:1]
     centred = shifted - shifted.mean(dim=0, keepdim=True)
     _, vectors = torch.linalg.eigh(centred.T @ centred)  # eigenvalues ascending
@@ -81,23 +85,16 @@ def structure_scores(features: torch.Tensor, components: int) -> torch.Tensor:
     return projection.pow(2).sum(dim=1).sqrt()
 
 
-def _per_mean(score: torch.Tensor) -> torch.Tensor:
-    """Each row divided by its mean (a row whose mean is 0 is all zeros and stays so)."""
-    mean = score.mean(dim=-1, keepdim=True)
-    return torch.where(mean > 0, score / mean.clamp_min(torch.finfo(score.dtype).tiny), torch.zeros_like(score))
-
-
-def stepvar_scores(tokens: torch.Tensor, batch: int, grid: tuple[int, int], alpha: float, components: int
-                   ) -> torch.Tensor:
-    """(rows, h*w, C) token input -> (batch, h*w) importance of each sample's tokens, from its conditional row
-    (rows [0:batch]). In float32 at least (half-precision inputs would round the scatter matrix), not float64,
-    which many GPUs run at a small fraction of the speed; one sample at a time, so that a sample's scores are
-    computed by the same operations whatever the other samples of its batch."""
+def stepvar_scores(tokens: torch.Tensor, batch: int, grid: tuple[int, int], structure_weight: float,
+                   components: int) -> torch.Tensor:
+    """(rows, h*w, C) token input -> (batch, h*w) importance ``w * S_str + S_txt`` of each sample's tokens, from
+    its conditional row (rows [0:batch]). In float32 at least (half-precision inputs would round the scatter
+    matrix), not float64, which many GPUs run at a small fraction of the speed; one sample at a time, so that a
+    sample's scores are computed by the same operations whatever the other samples of its batch."""
     features = tokens[:batch].to(torch.promote_types(tokens.dtype, torch.float32))
     maps = features.transpose(1, 2).reshape(batch, features.shape[-1], *grid)
-    texture = _per_mean(texture_scores(maps))
-    structure = _per_mean(torch.stack([structure_scores(features[b], components) for b in range(batch)]))
-    return alpha * texture + (1 - alpha) * structure
+    structure = torch.stack([structure_scores(features[b], components) for b in range(batch)])
+    return structure_weight * structure + texture_scores(maps)
 
 
 def nearest_kept(keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -149,6 +146,7 @@ class StepVAR(GraphPass):
     name: ClassVar[str] = PASS
     Config: ClassVar[type[PassConfig]] = StepVARConfig
     provides: ClassVar[tuple[str, ...]] = ("token_selection",)
+    traits: ClassVar[tuple[str, ...]] = ("per_scale_outputs",)  # the kept tokens of each scale it prunes
 
     def requires(self, captured) -> None:
         """At each StepVAR scale: a (rows, tokens, C) token input on a 2-D token grid, the logits, attention
@@ -238,7 +236,8 @@ def _rewrite_scale(scale, batch: int, config: StepVARConfig) -> GraphEdit:
     grid = tuple(scale.grid[-2:])
     anchor = tokens if tokens.op != "placeholder" else [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(anchor):
-        scores = _tag(graph.call_function(stepvar_scores, (source, batch, grid, config.alpha, config.components)),
+        scores = _tag(graph.call_function(stepvar_scores, (source, batch, grid, config.structure_weight,
+                                                            config.components)),
                       "score")
     with graph.inserting_after(scores):
         keep = _tag(graph.call_function(fixed_keep_mask, (scores, config.keep_ratio)), "mask")

@@ -1,6 +1,7 @@
 """Shared fixtures. Reference data lives in ../shared (beside the checkout in CI, absent in a user's clone)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 REFERENCE = SHARED / "reference"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs one worker per core) each worker computes on one thread: a worker
+    with torch's default (one thread per core) would oversubscribe the cores several times over."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 def reference_file(name: str) -> Path:

@@ -19,7 +19,7 @@ import torch.fx._symbolic_trace as fx_trace
 
 from examples.toy_nsp.adapter import ToyAdapter
 from examples.toy_nsp.model import build_toy
-from graphsurgeon import get_adapter, optimize
+from graphsurgeon import optimize
 from graphsurgeon.capture import CapturedModel, capture
 from model_adapters.infinity import build_infinity, get_scale_schedule
 

@@ -120,7 +120,7 @@ def test_export_passes_a_valid_scale_and_the_created_folder(monkeypatch, capsys,
 
 
 def test_failing_write_is_one_line_and_the_table_is_printed(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr("graphsurgeon.bench.run_benchmark", lambda spec: {"figures": 1})
+    monkeypatch.setattr("graphsurgeon.bench.run_benchmark", lambda spec, **_: {"figures": 1})
     monkeypatch.setattr("graphsurgeon.bench.markdown", lambda result: "| the table |")
 
     def disk_full(self, *_, **__):

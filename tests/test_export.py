@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 import xml.dom.minidom
 
 import onnx
 import pytest
 import torch
 
-from graphsurgeon import optimize
+import graphsurgeon.export
+from graphsurgeon import ConfigError, GraphsurgeonError, optimize
 from graphsurgeon.capture.dynamic import generalize_token_count
 from model_adapters.infinity import build_infinity, get_scale_schedule, set_text_attention_bf16
 
@@ -25,14 +28,33 @@ def optimized_tiny(bf16: bool = True):
     return fast
 
 
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def exported_fp32(tmp_path_factory):
+    """The tiny model's export, with every warning and torch.onnx registry log line the export itself raised."""
     directory = tmp_path_factory.mktemp("export")
-    return directory, optimized_tiny(bf16=False).export(directory, onnx_scale=4)
+    fast = optimized_tiny(bf16=False)
+    logs, registration = Records(), logging.getLogger("torch.onnx._internal.exporter._registration")
+    registration.addHandler(logs)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            manifest = fast.export(directory, onnx_scale=4)
+    finally:
+        registration.removeHandler(logs)
+    return directory, manifest, [str(w.message) for w in caught] + logs.messages
 
 
 def test_files_and_manifest(exported_fp32):
-    directory, manifest = exported_fp32
+    directory, manifest, _ = exported_fp32
     assert json.loads((directory / "manifest.json").read_text()) == manifest
     assert [g["scale"] for g in manifest["graphs"]] == list(range(7))
     code = (directory / "scale_03.py").read_text()
@@ -46,7 +68,7 @@ def test_files_and_manifest(exported_fp32):
 
 
 def test_onnx_step_has_dynamic_tokens_and_matches_pytorch(exported_fp32):
-    directory, manifest = exported_fp32
+    directory, manifest, _ = exported_fp32
     entry = manifest["onnx"]
     model = onnx.load(str(directory / entry["file"]))
     onnx.checker.check_model(model, full_check=True)
@@ -55,6 +77,12 @@ def test_onnx_step_has_dynamic_tokens_and_matches_pytorch(exported_fp32):
     runs = entry["onnxruntime"]
     assert [r["tokens"] for r in runs] == [64, 32]
     assert all(r["max_abs_err"] <= 1e-4 for r in runs), runs
+
+
+def test_an_export_prints_no_third_party_notices(exported_fp32):
+    """torch.onnx logged "torchvision is not installed" four times and warned of training mode and of its own
+    LeafSpec deprecation on every export."""
+    assert exported_fp32[2] == []
 
 
 def test_onnx_with_official_bf16_rounding_matches_in_relative_terms(tmp_path):
@@ -116,8 +144,6 @@ def test_onnx_of_a_rewritten_scale_matches_the_graph(exported_with_passes):
 
 
 def test_export_refuses_bad_targets_and_clears_an_earlier_export(exported_with_passes, tmp_path):
-    from graphsurgeon import ConfigError
-
     _, fast, _ = exported_with_passes
     with pytest.raises(ConfigError, match="onnx_scale=99 is outside the 7 scales"):
         fast.export(tmp_path / "new", onnx_scale=99)
@@ -138,3 +164,50 @@ def test_export_refuses_bad_targets_and_clears_an_earlier_export(exported_with_p
     (folder / "manifest.json").write_text("[not ours")
     with pytest.raises(ConfigError, match="is not a graphsurgeon export manifest"):
         fast.export(folder, onnx_scale=None)
+
+
+def contents(folder) -> dict:
+    """Every entry of ``folder`` (hidden ones too) with its bytes."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_failed_onnx_step_leaves_the_previous_export_and_says_why_on_one_line(exported_with_passes, tmp_path,
+                                                                                monkeypatch):
+    _, fast, _ = exported_with_passes
+    fast.export(tmp_path, onnx_scale=None)
+    before = contents(tmp_path)
+
+    def failing(*_, **__):  # as torch.onnx fails on StepVAR's eigh: a page of coloured advice around the cause
+        try:
+            raise RuntimeError("No ONNX function found for <OpOverload(op='aten._linalg_eigh')>.\n\u26a0\ufe0f")
+        except RuntimeError as cause:
+            raise ValueError("Failed to convert. \x1b[96mThis is step 3/3\x1b[0m of exporting.\n## Summary") from cause
+
+    monkeypatch.setattr(torch.onnx, "export", failing)
+    with pytest.raises(GraphsurgeonError) as failure:
+        fast.export(tmp_path, onnx_scale=4)
+    assert str(failure.value) == ("ONNX export of scale 4 failed: RuntimeError: No ONNX function found for "
+                                  "<OpOverload(op='aten._linalg_eigh')>.")
+    assert contents(tmp_path) == before  # the previous export, whole; nothing of the new one, no staging folder
+
+
+def test_an_interrupted_export_leaves_the_previous_export(exported_with_passes, tmp_path, monkeypatch):
+    _, fast, _ = exported_with_passes
+    fast.export(tmp_path, onnx_scale=None)
+    before = contents(tmp_path)
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt  # Ctrl-C during the ONNX step, every drawing already written
+
+    monkeypatch.setattr(graphsurgeon.export, "export_onnx", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fast.export(tmp_path, onnx_scale=4)
+    assert contents(tmp_path) == before
+
+
+def test_a_folder_of_generated_images_is_refused_saying_what_to_do(exported_with_passes, tmp_path):
+    _, fast, _ = exported_with_passes
+    (tmp_path / "manifest.json").write_text(json.dumps({"adapter": "var", "images": [{"file": "0000.png"}]}))
+    with pytest.raises(ConfigError, match=r"\(a graphsurgeon generate run's\); export into a new or empty folder, "
+                                          r"e\.g\. .*export$"):
+        fast.export(tmp_path, onnx_scale=None)

@@ -73,7 +73,7 @@ def test_rejected_before_capture_like_the_baseline(tiny_float32, no_capture, arg
         fast.generate(**arguments)
     with pytest.raises(InputError, match=needle):
         fast.capture(**arguments)
-    assert fast._captured == {} and fast._edits == {} and fast._snapshots == {}  # nothing cached
+    assert fast.cache_info().size == 0 and fast.cache_info().captures == 0  # nothing cached
     assert fast.stats == {}
 
 

@@ -50,7 +50,7 @@ def test_optimize_validates_settings_before_any_work():
         optimize(model, passes=["lhep"], config={"lhep": {"rho": 2}})
     fast = optimize(model, passes=["lhep", "sats"], config={"sats": {"delta": 0.1}})
     assert [p.name for p in fast.passes] == ["lhep", "sats"] and fast.passes[1].config.delta == 0.1
-    assert fast._captured == {}  # settings are checked at optimize(); capture waits for the first generate
+    assert fast.cache_info().size == 0  # settings are checked at optimize(); capture waits for the first generate
 
 
 def test_haar_energy_of_a_known_patch():
@@ -165,4 +165,4 @@ def test_a_pass_that_breaks_the_node_contract_is_named_at_once():
     fast = OptimizedModel(model, get_adapter("infinity"), [BareInput(PassConfig())])
     with pytest.raises(PassContractError, match=r"pass 'bare_input' left scale graph 6 with input extra that has no"):
         fast.capture(text=random_text([3], 256), scale_schedule=get_scale_schedule(1.0, "0.06M"), cfg=3.0)
-    assert not fast._captured  # nothing cached
+    assert fast.cache_info().size == 0  # nothing cached

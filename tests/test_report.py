@@ -44,6 +44,16 @@ def test_json_schema_and_content(report):
     assert [m["scale"] for m in masks] == [7, 8, 9] and [len(m["masks"][0]) for m in masks] == [20, 24, 32]
 
 
+def test_json_is_strict_non_finite_numbers_are_null(report):
+    """SATS has no gamma at a sample's first scale: it was written NaN, which JSON.parse rejects."""
+    def refuse(constant: str):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    data = json.loads(report.json(), parse_constant=refuse)
+    gammas = [g for d in data["sats_decisions"] if d["gamma"] is not None for g in d["gamma"]]
+    assert None in gammas and any(isinstance(g, float) for g in gammas)
+
+
 def test_markdown_has_the_summary(report):
     text = report.markdown()
     assert "| scale | grid | tokens before |" in text and "| 9 | 32x32 | 1024 |" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import re
 from html.parser import HTMLParser
 from types import SimpleNamespace
@@ -134,6 +135,34 @@ def test_sats_strip_has_a_cell_per_sample_and_scale_with_the_decision(run):
         if d["delta"] is not None and ran:
             assert f"Delta {d['delta'][sample]:.4g}" in cell["title"]
     assert states == {"ran", "stops", "skipped"}
+
+
+def test_sats_strip_shows_gamma_the_stop_is_decided_on_and_says_so(run):
+    page = run.after.html()
+    rule = re.search(r'<p id="sats-rule">(.*?)</p>', page).group(1)
+    assert rule.startswith("<b>&gamma; decides</b>") and "below the threshold delta = 0.15" in rule
+    decisions = {d["scale"]: d for d in run.stats["sats"]}
+    shown = 0
+    for sample, scale, text in re.findall(r'<td class="sats-cell[^"]*" data-sample="(\d+)" data-scale="(\d+)"[^>]*>'
+                                          r'(.*?)</td>', page):
+        d = decisions[int(scale)]
+        gamma = d["gamma"][int(sample)] if d["gamma"] is not None else None
+        if gamma is not None and math.isfinite(gamma):
+            assert f"&gamma; {gamma:.4g}</small><br><small>&Delta; " in text  # gamma first, Delta under it
+            shown += 1
+        else:
+            assert "&gamma;" not in text
+    assert shown >= SAMPLES
+
+
+def test_samples_are_named_by_the_callers_labels(run):
+    labels = ['image 4: "a red apple"', 'image 5: "a blue bird"']
+    page = DiffReport(build_report(run.fast, run.fast.last_flops, labels=labels)).html()
+    escaped = [label.replace('"', "&quot;") for label in labels]
+    assert [page.count(f"<th>{label}</th>") for label in escaped] == [2, 2]  # keep masks and SATS strip
+    assert "sample 0" not in page and "sample 1" not in page
+    with pytest.raises(ValueError, match="1 labels for a generation of 2 samples"):
+        build_report(run.fast, labels=labels[:1])
 
 
 def test_flop_bars_appear_after_measure_flops(run):

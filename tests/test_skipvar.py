@@ -229,7 +229,8 @@ def test_a_rules_file_replaces_the_thresholds_and_pickles_are_refused(toy, tmp_p
     (["skipvar"], {"skipvar": {"decision_scale": -1}}, "must have a scale before it and one after it"),
     (["skipvar"], {"skipvar": {"skip_below": (0.1, 0.2, 0.0)}}, "must not increase"),
     (["skipvar", "depthvar"], {}, "row guard"),
-    (["lhep", "skipvar"], {}, r"cannot run with \['lhep'\]: they add outputs to scale 4"),
+    (["lhep", "skipvar"], {}, "passes 'lhep' and 'skipvar' cannot be combined: 'skipvar' cannot run beside "
+                              "'per_scale_outputs'"),
 ])
 def test_refusals(toy, passes, config, needle):
     with pytest.raises(ConfigError, match=needle):

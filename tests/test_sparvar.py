@@ -7,6 +7,8 @@ computed here from the recorded queries and keys.
 """
 from __future__ import annotations
 
+import struct
+
 import pytest
 import torch
 import torch.fx
@@ -17,7 +19,7 @@ from examples.toy_nsp.model import build_toy
 from graphsurgeon import ConfigError, get_adapter, optimize
 from graphsurgeon.meta import annotations
 from model_adapters.infinity import get_scale_schedule
-from passes.sparvar import SparVAR, SparVARConfig
+from passes.sparvar import SparVAR, SparVARConfig, window_allowed
 
 from .helpers import generate_kwargs, outputs_equal
 
@@ -108,9 +110,21 @@ def attention_calls(seen: dict) -> list[tuple]:
     return found
 
 
+def f32(value: float) -> float:
+    """``value`` rounded to float32. A double holds a float32 quotient, or the product of a float32 and a small
+    integer, closely enough (quotient) or exactly (product) that this one rounding gives float32's result."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def centre(coordinate: int, extent: int, key_extent: int) -> int:
+    """The window centre of the implementation peers.md cites (Lvar's ``basic_sparvar.py`` mask), in plain
+    Python: ``round(coordinate / extent * key_extent)`` in float32 arithmetic, ties to even (Python's round)."""
+    return round(f32(f32(coordinate / extent) * key_extent))
+
+
 def expected_windows(grids, scale: int, radius: list, positions, prefix: int = 0) -> torch.Tensor:
     """(queries, L) bool, built by loops: per key scale s, radius[s] is None (not attended), "all", or r (the
-    (2r+1)^2 keys around the query's position rescaled to s's grid, clipped at the border)."""
+    (2r+1)^2 keys around :func:`centre` of the query's position on s's grid, clipped at the border)."""
     height, width = grids[scale]
     length = prefix + sum(h * w for h, w in grids[:scale + 1])
     allowed = torch.zeros(len(positions), length, dtype=torch.bool)
@@ -123,11 +137,32 @@ def expected_windows(grids, scale: int, radius: list, positions, prefix: int = 0
             if r == "all":
                 allowed[i, start:start + h * w] = True
             elif r is not None:
-                cy, cx = y * h // height, x * w // width
+                cy, cx = centre(y, height, h), centre(x, width, w)
                 for row in range(max(0, cy - r), min(h - 1, cy + r) + 1):
                     allowed[i, start + row * w + max(0, cx - r):start + row * w + min(w - 1, cx + r) + 1] = True
             start += h * w
     return allowed
+
+
+def test_windows_are_centred_by_rounding_as_the_cited_implementation():
+    """The 1024 px schedule's CSLA windows (sinks 0-4; windows 1, 1, 3, 5, 7 on 24², 32², 40², 48², 64²) against
+    the loops above: every 3rd query of the 40² scale, every 11th of the 64² one. Rounding moves 44-68 % of the queries'
+    centres by a cell against flooring on these grids, so a floor would fail here."""
+    grids = [(h, w) for _, h, w in get_scale_schedule(1.0, "1M")]
+    assert [h for h, _ in grids] == [1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64]
+    sinks, none = [1 << 30] * 5, [-1] * 3
+    for scale, radii, positions in [(10, sinks + none + [0, 0, 1], torch.arange(0, 1600, 3)),
+                                    (12, sinks + none + [0, 0, 1, 2, 3], torch.arange(0, 4096, 11))]:
+        key_ids = torch.arange(sum(h * w for h, w in grids[:scale + 1]))[None]
+        allowed = window_allowed(positions[None], key_ids, tuple(grids), 0, scale, tuple(radii))[0]
+        loops = ["all" if r == 1 << 30 else None if r < 0 else r for r in radii]
+        assert torch.equal(allowed, expected_windows(grids, scale, loops, positions.tolist()))
+    for height, key_height, shifted in [(64, 24, 0.684), (64, 48, 0.609), (48, 32, 0.556), (40, 24, 0.64)]:
+        y, x = torch.meshgrid(torch.arange(height), torch.arange(height), indexing="ij")
+        moved = [centre(int(a), height, key_height) != int(a) * key_height // height
+                 or centre(int(b), height, key_height) != int(b) * key_height // height
+                 for a, b in zip(y.flatten(), x.flatten())]
+        assert sum(moved) / len(moved) == pytest.approx(shifted, abs=1e-3)
 
 
 def additive(allowed: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """StepVAR: texture + structure token scores, top-fraction pruning at the late scales, nearest-kept logits.
 
-The scores and the kept set are recomputed here independently (a Laplacian by convolution, the principal
-components by an SVD, the ranking by a Python sort) from the token inputs the graphs received, recorded by
-wrapping ``GraphRunner.scale``; the pruned positions' logits are checked against a brute-force nearest kept token.
+The scores and the kept set are recomputed here independently, from the public description's formulas (an
+average-pool residual by ``avg_pool2d``, the first principal component by an SVD, ``S = w * S_str + S_txt``,
+the ranking by a Python sort) on the token inputs the graphs received, recorded by wrapping
+``GraphRunner.scale``; the pruned positions' logits are checked against a brute-force nearest kept token.
 """
 from __future__ import annotations
 
@@ -28,22 +29,19 @@ LABELS = torch.tensor([1, 3, 7])
 
 
 # -- the independent reference -------------------------------------------------------------------------------
-def reference_scores(tokens: torch.Tensor, grid: tuple[int, int], alpha: float = 0.5, components: int = 3) -> torch.Tensor:
-    """(B, h*w, C) -> (B, h*w) in float64: Laplacian energy by convolution, PCA by SVD, each over its mean."""
+def reference_scores(tokens: torch.Tensor, grid: tuple[int, int], weight: float = 1.0, components: int = 1
+                     ) -> torch.Tensor:
+    """(B, h*w, C) -> (B, h*w) in float64: ``weight * S_str + S_txt``; S_txt the channel norm of the residual to a
+    3x3 average pool of the replicate-padded map, S_str the norm of the projection on the first ``components``
+    principal components (an SVD of the centred tokens)."""
     x = tokens.double()
-    maps = x.transpose(1, 2).reshape(x.shape[0] * x.shape[2], 1, *grid)
-    kernel = torch.tensor([[0.0, -1, 0], [-1, 4, -1], [0, -1, 0]], dtype=torch.float64)[None, None]
-    texture = F.conv2d(F.pad(maps, (1, 1, 1, 1), mode="replicate"), kernel).reshape(x.shape[0], x.shape[2], -1)
-    texture = texture.pow(2).sum(dim=1)
+    maps = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
+    pooled = F.avg_pool2d(F.pad(maps, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    texture = (maps - pooled).norm(dim=1).flatten(1)
     centred = x - x.mean(dim=1, keepdim=True)
     u, s, _ = torch.linalg.svd(centred, full_matrices=False)  # its own sign convention: must not matter
     structure = (u[..., :components] * s[:, None, :components]).norm(dim=-1)
-
-    def over_mean(score):
-        mean = score.mean(dim=1, keepdim=True)
-        return torch.where(mean > 0, score / mean.clamp_min(1e-300), torch.zeros_like(score))
-
-    return alpha * over_mean(texture) + (1 - alpha) * over_mean(structure)
+    return weight * structure + texture
 
 
 def reference_keep(scores: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -117,10 +115,12 @@ def test_scores_match_the_reference_and_equal_tokens_tie_to_the_earlier_position
     flat[2:7, 1:6] = flat[2, 1]  # a flat 5x5 block in sample 0
     tokens[1] = tokens[1, :1]  # sample 1: one feature everywhere
     tokens[batch:] = torch.randn(batch, 81, 8, generator=generator)  # unconditional rows: never scored
-    scores = stepvar_scores(tokens, batch, grid, 0.5, 3)
+    scores = stepvar_scores(tokens, batch, grid, 1.0, 1)
     assert torch.allclose(scores.double(), reference_scores(tokens[:batch], grid), rtol=1e-4, atol=1e-5)
-    assert torch.allclose(stepvar_scores(tokens, batch, grid, 0.8, 2).double(),
-                          reference_scores(tokens[:batch], grid, 0.8, 2), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(stepvar_scores(tokens, batch, grid, 0.3, 2).double(),
+                          reference_scores(tokens[:batch], grid, 0.3, 2), rtol=1e-4, atol=1e-5)
+    texture_only = stepvar_scores(tokens, batch, grid, 0.0, 1)
+    assert bool((texture_only[0].reshape(9, 9)[3:6, 2:5] == 0).all())  # a flat neighbourhood has no texture
     interior = scores[0].reshape(9, 9)[3:6, 2:5]
     assert bool((interior == interior[0, 0]).all())  # equal neighbourhoods: bit-equal scores
     assert bool((scores[1] == scores[1, 0]).all())
@@ -129,7 +129,7 @@ def test_scores_match_the_reference_and_equal_tokens_tie_to_the_earlier_position
     assert torch.equal(keep[0], reference_keep(reference_scores(tokens[:1], grid), 0.6)[0])
     twins = tokens.clone()
     twins[batch:] = tokens[:batch]
-    assert torch.equal(stepvar_scores(twins, batch, grid, 0.5, 3), scores)  # only the conditional rows count
+    assert torch.equal(stepvar_scores(twins, batch, grid, 1.0, 1), scores)  # only the conditional rows count
 
 
 @pytest.mark.parametrize("grid", [(5, 7), (13, 13)])
@@ -168,7 +168,8 @@ def toy_same(a, b) -> bool:
 
 @pytest.mark.parametrize("config, needle", [
     ({"stepvar": {"keep_ratio": 0.0}}, "keep_ratio"),
-    ({"stepvar": {"alpha": 1.5}}, "alpha"),
+    ({"stepvar": {"structure_weight": -0.5}}, "structure_weight"),
+    ({"stepvar": {"alpha": 0.5}}, "alpha"),
     ({"stepvar": {"components": 0}}, "components"),
     ({"stepvar": {"rho": 0.5}}, "rho"),
     ({"stepvar": {"scales": [0, 6]}}, "cannot act on scale 0"),

@@ -13,14 +13,17 @@ import platform
 import statistics
 import subprocess
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
-from ..adapters import get_adapter
+from ..adapters import ModelAdapter, get_adapter
 from ..api import optimize
+from ..cli_checks import check_device, check_dtype
 from ..errors import ConfigError
 from ..flops import FlopCounterRuntime, measure_flops
+from ..images import ImagePipeline, ImageSources, SamplingSettings
 from ..passes import resolve_passes
 from .spec import BenchSpec, passes_of
 from .timing import Clock, InsertedNodeTimer, PeakMemory, ScaleTimer
@@ -68,26 +71,71 @@ class Variant:
             self.fast.runner_wrappers = []
 
 
-def run_benchmark(spec: BenchSpec, log=print) -> dict[str, Any]:
-    """Run ``spec`` and return the result (see docs/BENCHMARKS.md for the schema)."""
+@dataclass
+class CheckedBenchmark:
+    """A spec checked against its adapter before anything is built."""
+
+    adapter: ModelAdapter
+    config: str
+    settings: dict[str, dict[str, dict]]
+    """Pass settings by pass set."""
+    device: torch.device
+    dtype: torch.dtype
+    sources: Optional[ImageSources]
+    """The user's files (None: random weights from ``config``)."""
+
+
+def check_benchmark(spec: BenchSpec) -> CheckedBenchmark:
+    """Every check that needs no model: the passes of each set (names, settings, composition), the schedule preset,
+    the device and the dtype on it, and the user's files (by the adapter)."""
     adapter = get_adapter(spec.adapter)
     settings = {s: pass_settings(spec, adapter, passes_of(s)) for s in spec.pass_sets}
-    for pass_set, values in settings.items():  # unknown passes or keys fail here, before the model is built
+    for values in settings.values():
         resolve_passes(list(values), values)
-    try:
-        device = torch.device(spec.device)
-    except RuntimeError as err:
-        raise ConfigError(f"device {spec.device!r}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {spec.device!r}: CUDA is not available on this machine")
-    dtype = getattr(torch, spec.dtype)
+    adapter.check_settings(SamplingSettings(h_div_w=spec.h_div_w, pn=spec.pn))
+    device = check_device(spec.device)
+    dtype = check_dtype(adapter, spec.dtype, device)
+    sources = None
+    if spec.sources_given:
+        sources = ImageSources(config=spec.config, checkpoint=spec.checkpoint, vae=spec.vae,
+                               text_encoder=spec.text_encoder, device=spec.device, seed=spec.seed)
+        adapter.check_sources(sources, [])
+    config = spec.config or adapter.default_config
+    if config is None:
+        raise ConfigError(f"adapter {spec.adapter!r} names no default config: give --config")
+    return CheckedBenchmark(adapter=adapter, config=config, settings=settings, device=device, dtype=dtype,
+                            sources=sources)
+
+
+def load_model(spec: BenchSpec, checked: CheckedBenchmark, images: bool = False) -> tuple[Any, Optional[ImagePipeline]]:
+    """The model to time: through the adapter's image pipeline when the user named files (or ``images`` asks for
+    its decoder: random stand-ins then), else the adapter's random weights for the config."""
+    if checked.sources is None and not images:
+        return checked.adapter.build_model(checked.config, device=spec.device, seed=spec.seed,
+                                           draw_on_device=checked.device.type == "cuda"), None
+    sources = checked.sources or ImageSources(config=checked.config, device=spec.device, seed=spec.seed)
+    pipeline = checked.adapter.image_pipeline(sources)
+    return pipeline.model, pipeline
+
+
+def run_benchmark(spec: BenchSpec, log=print, checked: Optional[CheckedBenchmark] = None,
+                  loaded: Optional[tuple[Any, Optional[ImagePipeline]]] = None) -> dict[str, Any]:
+    """Run ``spec`` and return the result (see docs/BENCHMARKS.md for the schema). ``checked`` and ``loaded``:
+    what :func:`check_benchmark` and :func:`load_model` returned, when the caller ran them already."""
+    checked = checked or check_benchmark(spec)
+    adapter, settings, device = checked.adapter, checked.settings, checked.device
     started = time.perf_counter()
-    model = adapter.build_model(spec.config, device=spec.device, seed=spec.seed, draw_on_device=device.type == "cuda")
-    precision = adapter.precision(model, dtype)
+    model, pipeline = loaded or load_model(spec, checked)
+    for note in pipeline.notes if pipeline is not None else ():
+        log(f"note: {note}")
+    precision = adapter.precision(model, checked.dtype)
     kwargs = adapter.benchmark_args(model, batch_size=spec.batch, h_div_w=spec.h_div_w, pn=spec.pn, seed=spec.seed)
-    log(f"built {spec.config} on {spec.device} ({spec.dtype}) in {time.perf_counter() - started:.1f} s")
+    log(f"built {checked.config} on {spec.device} ({spec.dtype}) in {time.perf_counter() - started:.1f} s")
     variants = [Variant(BASELINE, model, adapter, None)]
     variants += [Variant(s, model, adapter, settings[s]) for s in spec.pass_sets]
+    if pipeline is not None:  # passes that look at pictures mid-generation see the loaded decoder
+        for variant in variants[1:]:
+            variant.fast.decoder = pipeline.preview_decoder()
     clock = Clock(device)
     result: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "kind": "graphsurgeon.bench",
                               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -133,7 +181,7 @@ def run_benchmark(spec: BenchSpec, log=print) -> dict[str, Any]:
                     result["variants"][variant.name]["inserted"] = _inserted_time(variant, kwargs, clock, spec.repeats)
                     log(f"{variant.name}: inserted nodes timed")
     _ratios(result)
-    result["paper_latency_s"] = adapter.paper_latency_s.get(spec.config)
+    result["paper_latency_s"] = adapter.paper_latency_s.get(checked.config)
     result["seconds"] = time.perf_counter() - started
     return result
 

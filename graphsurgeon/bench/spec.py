@@ -1,10 +1,12 @@
 """What a benchmark runs: one validated spec (pydantic), so a bad value fails before any model is built."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from ..cli_checks import MAX_BATCH, SEED_RANGE
 from ..errors import ConfigError
 
 DEFAULT_PASS_SETS = ("none", "lhep", "sats", "lhep+sats")
@@ -16,10 +18,14 @@ class BenchSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     adapter: str = "infinity"
-    config: str = Field("infinity-tiny", description="the adapter's named model config (random weights)")
-    h_div_w: float = Field(1.0, gt=0)
+    config: Optional[str] = Field("infinity-tiny", description="the adapter's named model config (random weights "
+                                                               "without a checkpoint; its layout with one)")
+    checkpoint: Optional[Path] = Field(None, description="the transformer's weights (never unpickled)")
+    vae: Optional[Path] = Field(None, description="the decoder's weights")
+    text_encoder: Optional[Path] = Field(None, description="a local folder of the text encoder")
+    h_div_w: float = Field(1.0, gt=0, allow_inf_nan=False)
     pn: str = Field("1M", description="pixel preset of the schedule")
-    batch: int = Field(1, ge=1, description="prompts per generation")
+    batch: int = Field(1, ge=1, le=MAX_BATCH, description="prompts per generation")
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = "cpu"
     pass_sets: tuple[str, ...] = Field(DEFAULT_PASS_SETS, description="'none' or pass names joined by '+'")
@@ -29,7 +35,7 @@ class BenchSpec(BaseModel):
     stop_scale: Optional[int] = Field(None, description="fixed: the scale where every sample's SATS stop happens")
     warmup: int = Field(1, ge=0)
     repeats: int = Field(3, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=SEED_RANGE[0], lt=SEED_RANGE[1])
     flops: bool = Field(True, description="count FLOPs with torch's counter (one extra run per variant)")
     inserted_timing: bool = Field(True, description="time the inserted nodes in separate instrumented runs")
 
@@ -42,6 +48,9 @@ class BenchSpec(BaseModel):
             raise ValueError(f"a pass set is listed twice in {list(value)}")
         if any(not s or "" in s.split("+") for s in value):
             raise ValueError(f"pass sets are 'none' or names joined by '+', got {list(value)}")
+        repeated = [s for s in value if len(set(passes_of(s))) != len(passes_of(s))]
+        if repeated:
+            raise ValueError(f"pass set(s) {repeated} list a pass twice; list each pass once per set")
         return value
 
     @field_validator("pass_config")
@@ -64,6 +73,11 @@ class BenchSpec(BaseModel):
         if value is not None and enabled is not None and needed not in enabled:
             raise ValueError(f"fixes {needed} but no pass set enables it (pass_sets: {list(info.data['pass_sets'])})")
         return value
+
+    @property
+    def sources_given(self) -> bool:
+        """Whether the user named files (then the model is loaded through the adapter's image pipeline)."""
+        return any(p is not None for p in (self.checkpoint, self.vae, self.text_encoder))
 
     @property
     def mode(self) -> str:

@@ -15,14 +15,14 @@ from graphsurgeon.adapters import ModelAdapter
 from graphsurgeon.capture import CapturePlan, ScaleSpec, StateSlot
 from graphsurgeon.errors import ConfigError
 from graphsurgeon.fidelity import OutputView
-from graphsurgeon.images import ImagePipeline, ImageSources
+from graphsurgeon.images import ImagePipeline, ImageSources, SamplingSettings
 from graphsurgeon.runner import ScaleRunner
 
 from .builder import build_infinity
 from .kernels import packed_cross_attention_reference
-from .sampler import (EagerScaleRunner, GenerateArgs, GenerationOutput, cfg_repeat, generate_checked, kv_caching,
-                      validate_generate_args)
-from .schedules import get_scale_schedule
+from .sampler import (EagerScaleRunner, GenerateArgs, GenerationOutput, cfg_repeat, check_guidance, generate_checked,
+                      kv_caching, validate_generate_args)
+from .schedules import PIXEL_PRESETS, get_scale_schedule
 
 
 def _packed_offsets(lens: list[int], cfg_on: bool) -> torch.Tensor:
@@ -43,6 +43,7 @@ class InfinityAdapter(ModelAdapter):
 
     name = "infinity"
     default_config = "infinity-tiny"
+    pixel_presets = tuple(PIXEL_PRESETS)
 
     # -- benchmarks: facts about the paper (LD-Pruning, Tables 2 and 4: single H100, batch 1, seconds) -------------
     paper_latency_s = {"infinity-2b": {"baseline": 0.90, "lhep": 0.55, "sats": 0.73, "lhep+sats": 0.52},
@@ -70,13 +71,25 @@ class InfinityAdapter(ModelAdapter):
         return dict(text=(kv, lens, cu, max(lens)), scale_schedule=get_scale_schedule(h_div_w, pn), cfg=3.0, tau=0.5,
                     top_k=900, top_p=0.97, seed=seed)
 
+    def check_settings(self, settings: SamplingSettings) -> None:
+        """The preset and aspect ratio have a schedule; cfg and tau pass the sampler's own checks."""
+        super().check_settings(settings)
+        schedule = get_scale_schedule(settings.h_div_w, settings.pn)
+        check_guidance(3.0 if settings.cfg is None else settings.cfg, 1.0 if settings.tau is None else settings.tau,
+                       len(schedule))
+
+    def supported_dtypes(self, device_type: str) -> tuple[torch.dtype, ...]:
+        """float32 anywhere; bfloat16 on CUDA only: the official inference's bf16 blocks under CUDA autocast (on the
+        CPU, bf16 autocast is not that path and is not tested); float16 is no path of the official inference."""
+        return (torch.float32, torch.bfloat16) if device_type == "cuda" else (torch.float32,)
+
     def precision(self, model: Any, dtype: torch.dtype) -> Any:
         """Set the model up for ``dtype`` as the official inference does and return the context to run in:
         float32 anywhere (as built); bfloat16 on CUDA = transformer blocks in bf16 under CUDA bf16 autocast."""
         device = model.pos_start.device
         if dtype == torch.float32:
             return contextlib.nullcontext
-        if dtype != torch.bfloat16 or device.type != "cuda":
+        if dtype not in self.supported_dtypes(device.type):
             raise ConfigError(f"dtype {dtype} on {device.type}: the Infinity adapter runs float32 on any device and "
                               "bfloat16 on CUDA (the official inference: bf16 blocks under CUDA autocast)")
         for block in model.unregistered_blocks:

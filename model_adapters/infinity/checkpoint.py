@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 import torch
 
-from graphsurgeon.checkpoint_io import check_keys_and_shapes, match_dtypes, read_checkpoint
+from graphsurgeon.checkpoint_io import check_keys_and_shapes, match_dtypes, read_checkpoint, read_shapes
 
 from .builder import build_infinity
 from .config import NAMED_CONFIGS, InfinityConfig, resolve_config
@@ -48,6 +48,12 @@ def check_state_dict(model: Infinity, state: dict[str, torch.Tensor], source: st
         return f"this checkpoint matches the named config {name!r}" if name else None
 
     check_keys_and_shapes(model.state_dict(), state, source, hint=hint)
+
+
+def check_checkpoint_fits(path: Union[str, Path], config: Union[str, dict, InfinityConfig]) -> None:
+    """Refuse a checkpoint whose keys or shapes do not fit ``config``, from its headers only (no weights read), so
+    a command line fails before it builds anything."""
+    check_state_dict(build_infinity(resolve_config(config), device="meta"), read_shapes(path), str(path))
 
 
 def load_infinity(path: Union[str, Path], config: Union[str, dict, InfinityConfig], device: Union[str, torch.device] = "cpu",

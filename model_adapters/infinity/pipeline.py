@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from graphsurgeon.errors import ConfigError
+from graphsurgeon.errors import CheckpointError, ConfigError
 from graphsurgeon.images import ImagePipeline, ImageSources, SamplingSettings
 
 from .builder import build_infinity
-from .checkpoint import load_infinity
+from .checkpoint import check_checkpoint_fits, load_infinity
 from .config import InfinityConfig, resolve_config
 from .schedules import get_scale_schedule
 from .text_encoder import (TextEncoder, check_text_encoder_folder, encode_prompts, load_text_encoder,
@@ -33,13 +33,19 @@ def model_config(sources: ImageSources) -> InfinityConfig:
 
 
 def check_sources(sources: ImageSources) -> None:
-    """The files exist and fit: the VAE's codebook_dim and patch size suit the transformer (read from the
-    checkpoint's key shapes only), the text folder holds an encoder."""
+    """The files exist and fit, read from their headers and key shapes only: the checkpoint has the config's keys
+    and shapes, the VAE's codebook_dim and patch size suit the transformer, the text folder holds a complete
+    encoder."""
     config = model_config(sources)
-    if sources.checkpoint is not None and not Path(sources.checkpoint).exists():
-        raise ConfigError(f"--checkpoint {sources.checkpoint}: no such file or folder")
+    if sources.checkpoint is not None:
+        if not Path(sources.checkpoint).exists():
+            raise ConfigError(f"--checkpoint {sources.checkpoint}: no such file or folder")
+        try:
+            check_checkpoint_fits(sources.checkpoint, config)
+        except (ConfigError, CheckpointError) as err:
+            raise ConfigError(f"--checkpoint {sources.checkpoint}: {err}") from None
     if sources.vae is not None:
-        if not Path(sources.vae).is_file():
+        if not Path(sources.vae).exists():
             raise ConfigError(f"--vae {sources.vae}: no such file")
         try:
             check_vae_fits(vae_config_from_checkpoint(sources.vae), config.codebook_dim,
@@ -78,16 +84,12 @@ class InfinityPipeline(ImagePipeline):
 
 
 def image_pipeline(sources: ImageSources) -> InfinityPipeline:
-    """Load (or make) the three parts; random stand-ins are named in ``notes``."""
+    """Load (or make) the three parts, the small ones first, so that a damaged VAE or text encoder (NaN weights,
+    refused at load) costs no transformer load; random stand-ins are named in ``notes``."""
     config = model_config(sources)
     name = sources.config or "infinity-tiny"
     notes: list[str] = []
-    if sources.checkpoint is not None:
-        model = load_infinity(sources.checkpoint, config, device=sources.device)
-    else:
-        model = build_infinity(config, device=sources.device, seed=sources.seed)
-        notes.append(f"{name}: random weights (seed {sources.seed}): the images are noise, only their cost and "
-                     "the distance to the unaccelerated model mean something")
+    vae = _vae(sources, config, name, notes)
     if sources.text_encoder is not None:
         text = load_text_encoder(sources.text_encoder, device=sources.device)
         if text.width != config.text_channels:
@@ -97,7 +99,12 @@ def image_pipeline(sources: ImageSources) -> InfinityPipeline:
         text = random_text_encoder(config.text_channels, seed=sources.seed, device=sources.device)
         notes.append(f"no --text-encoder: a seeded random text encoder of width {config.text_channels} stands in "
                      "for Flan-T5 (prompts change the features, not the meaning)")
-    vae = _vae(sources, config, name, notes)
+    if sources.checkpoint is not None:
+        model = load_infinity(sources.checkpoint, config, device=sources.device)
+    else:
+        model = build_infinity(config, device=sources.device, seed=sources.seed)
+        notes.insert(0, f"{name}: random weights (seed {sources.seed}): the images are noise, only their cost and "
+                        "the distance to the unaccelerated model mean something")
     return InfinityPipeline(model, text, vae, notes)
 
 

@@ -212,7 +212,31 @@ def check_text(text: TextInput, text_channels: int, max_len_allowed: int, device
         raise InputError(f"a prompt has {max(lens)} tokens; the model's text_maxlen is {max_len_allowed}")
     if kv.device != device:
         raise InputError(f"text kv_compact is on {kv.device} but the model is on {device}")
-    return kv.to(dtype), lens, cu.to(device=device, dtype=torch.int32), max(lens)
+    kv = kv.to(dtype)  # checked after the cast: float64 features can overflow float32
+    if kv.device.type != "meta":  # a capture's placeholder text holds no values
+        rows = (~torch.isfinite(kv).all(dim=1)).nonzero().flatten().cpu()
+        if len(rows):
+            prompts = sorted(set((torch.searchsorted(torch.tensor(expected[1:]), rows, right=True)).tolist()))
+            raise InputError(f"text kv_compact holds NaN/Inf features for prompt(s) {prompts} (the text encoder's "
+                             "weights, or an overflow in float16)")
+    return kv, lens, cu.to(device=device, dtype=torch.int32), max(lens)
+
+
+CFG_LIMIT = 1000.0
+"""The largest guidance scale accepted (the official inference uses 3-5): far beyond it the guided logits
+``cfg * cond + (1 - cfg) * uncond`` overflow to inf and sampling fails inside torch."""
+
+
+def check_guidance(cfg: Union[float, Sequence[float]], tau: Union[float, Sequence[float]], n_scales: int
+                   ) -> tuple[list[float], list[float]]:
+    """``cfg`` and ``tau`` as one value per scale: finite, |cfg| at most :data:`CFG_LIMIT`, tau positive."""
+    cfg_list, tau_list = _per_scale(cfg, n_scales, "cfg"), _per_scale(tau, n_scales, "tau")
+    if any(abs(c) > CFG_LIMIT for c in cfg_list):
+        raise InputError(f"cfg must be within [-{CFG_LIMIT:g}, {CFG_LIMIT:g}] (the official value is 3), got "
+                         f"{sorted(set(cfg_list), key=abs)[-1]:g}")
+    if any(t <= 0 for t in tau_list):
+        raise InputError(f"tau must be positive, got {tau_list}")
+    return cfg_list, tau_list
 
 
 def _per_scale(value: Union[float, Sequence[float]], n: int, name: str) -> list[float]:
@@ -284,9 +308,7 @@ def _check_args(model, text, scale_schedule, cfg, tau, top_k, top_p, seed, force
     n_run = n_scales if num_scales is None else _as_int(num_scales)
     if n_run is None or not 1 <= n_run <= n_scales:
         raise InputError(f"num_scales must be an int in [1, {n_scales}], got {num_scales!r}")
-    cfg_list, tau_list = _per_scale(cfg, n_scales, "cfg"), _per_scale(tau, n_scales, "tau")
-    if any(t <= 0 for t in tau_list):
-        raise InputError(f"tau must be positive, got {tau_list}")
+    cfg_list, tau_list = check_guidance(cfg, tau, n_scales)
     k = _as_int(top_k)
     if k is None or k < 0:
         raise InputError(f"top_k must be an int >= 0, got {top_k!r}")

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-from graphsurgeon.errors import ConfigError, InputError
+from graphsurgeon.checkpoint_io import check_finite_tensors, check_weights_file, shard_map
+from graphsurgeon.errors import CheckpointError, ConfigError, InputError
 
 # Every prompt is padded/truncated to this many tokens (``encode_prompt``'s ``max_length=512``); it is also the
 # transformer's ``text_maxlen``, so a packed prompt can never be longer than the model accepts.
@@ -85,8 +86,10 @@ def check_text_encoder_folder(folder: Union[str, Path]) -> Path:
     """Check that ``folder`` holds a loadable T5 encoder and tokenizer, before anything heavy is loaded.
 
     Raises :class:`ConfigError` naming the folder and everything that is missing. Weights must be safetensors
-    (``model.safetensors`` or a sharded ``model.safetensors.index.json``): pickled ``pytorch_model*.bin`` files
-    are refused rather than unpickled.
+    (``model.safetensors`` or a sharded ``model.safetensors.index.json`` whose shards are ``.safetensors`` files
+    inside the folder): pickled ``pytorch_model*.bin`` files are refused rather than unpickled. Every weight file's
+    header is read (a truncated download is refused) and its tensors must cover the encoder that ``config.json``
+    describes (``from_pretrained`` would fill missing ones with random values without a word).
     """
     path = Path(folder).expanduser()
     if not path.exists():
@@ -98,6 +101,8 @@ def check_text_encoder_folder(folder: Union[str, Path]) -> Path:
     problems = [*_config_problems(path), *_weight_problems(path)]
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         problems.append(f"no tokenizer file (one of {', '.join(_TOKENIZER_FILES)})")
+    if not problems:
+        problems = _key_problems(path, _weight_files(path))
     if problems:
         raise ConfigError(f"text encoder folder {path} is not usable: {'; '.join(problems)}")
     return path
@@ -116,14 +121,26 @@ def _config_problems(path: Path) -> list[str]:
     return []
 
 
+def _weight_files(path: Path) -> list[Path]:
+    """The safetensors files holding the weights (after :func:`_weight_problems` found none)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return [path / name for name in sorted(set(shard_map(index).values()))]
+    return [path / "model.safetensors"]
+
+
 def _weight_problems(path: Path) -> list[str]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
-            return [f"{index.name} has no readable weight_map ({error})"]
-        missing = sorted(name for name in shards if not (path / name).is_file())
+            shards = sorted(set(shard_map(index).values()))  # names inside the folder, as strings
+        except CheckpointError as error:
+            return [str(error)]
+        pickled = [name for name in shards if not name.endswith(".safetensors")]
+        if pickled:
+            return [f"{index.name} lists shard(s) that are not .safetensors files ({', '.join(pickled[:3])}); pickled "
+                    "weights are never unpickled: download the model's .safetensors shards"]
+        missing = [name for name in shards if not (path / name).is_file()]
         return [f"{index.name} lists shard(s) that are absent: {', '.join(missing)}"] if missing else []
     if (path / "model.safetensors").is_file():
         return []
@@ -131,6 +148,43 @@ def _weight_problems(path: Path) -> list[str]:
         return [("only pickled pytorch_model*.bin weights, which are not unpickled; download the model's "
                  ".safetensors files or convert the folder once with transformers' save_pretrained")]
     return [f"no weights file (one of {', '.join(_WEIGHT_FILES)})"]
+
+
+def _key_problems(path: Path, files: list[Path]) -> list[str]:
+    """The weight files' headers against the encoder ``config.json`` describes: unreadable (truncated) files, then
+    missing or misshapen tensors. Tensors the encoder does not use (a full T5's decoder) are fine."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            check_weights_file(file, "weights file")
+            with safe_open(str(file), framework="pt") as handle:
+                shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+        except CheckpointError as error:
+            return [str(error)]
+        except (SafetensorError, OSError) as error:
+            return [f"{file.name} is not a readable safetensors file ({error}); the download may be incomplete"]
+    try:
+        config = T5Config.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        return [f"config.json does not describe a T5 encoder ({error})"]
+    with torch.device("meta"):
+        expected = T5EncoderModel(config)
+    names: dict[int, list[str]] = {}  # tied tensors (the shared embedding) are stored under one of their names
+    for name, tensor in [*expected.named_parameters(remove_duplicate=False), *expected.named_buffers()]:
+        names.setdefault(id(tensor), []).append(name)
+    missing = [group[0] for group in names.values() if not any(n in shapes for n in group)]
+    state = expected.state_dict()
+    wrong = [f"{n}: file {shapes[n]} vs config {tuple(state[n].shape)}" for n in state
+             if n in shapes and shapes[n] != tuple(state[n].shape)]
+    problems = []
+    if missing:
+        problems.append(f"the weights lack {len(missing)} of the encoder's {len(names)} tensors, e.g. {missing[:3]} "
+                        "(an incomplete download?)")
+    if wrong:
+        problems.append(f"{len(wrong)} tensor(s) do not have the shape config.json gives, e.g. {wrong[:2]}")
+    return problems
 
 
 def _device(device: Union[str, torch.device]) -> torch.device:
@@ -161,6 +215,8 @@ def load_text_encoder(folder: Union[str, Path], device: Union[str, torch.device]
         model = T5EncoderModel.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=dtype)
     except (OSError, ValueError, ImportError, RuntimeError) as error:
         raise ConfigError(f"text encoder folder {path} could not be loaded: {error}") from error
+    # NaN weights would turn every prompt's features into NaN
+    check_finite_tensors(model.state_dict(), path, remedy="download the folder again")
     return TextEncoder(tokenizer, model.to(device), source=str(path))
 
 
@@ -199,6 +255,10 @@ def encode_prompts(encoder: TextEncoder, prompts: Sequence[str], *, positive_pro
     empty = [i for i, n in enumerate(lens) if n == 0]
     if empty:
         raise InputError(f"prompt(s) {empty} produced no tokens with the text tokenizer of {encoder.source}")
+    not_finite = [i for i, (rows, n) in enumerate(zip(features, lens)) if not bool(torch.isfinite(rows[:n]).all())]
+    if not_finite:
+        raise InputError(f"the text encoder {encoder.source} gave NaN/Inf features for prompt(s) {not_finite} (its "
+                         "weights, or an overflow in float16)")
     cu_seqlens = F.pad(per_prompt.to(torch.int32).cumsum(0, dtype=torch.int32), (1, 0))
     kv_compact = torch.cat([rows[:n] for rows, n in zip(features, lens)])
     return kv_compact, lens, cu_seqlens, max(lens)

@@ -21,6 +21,7 @@ from graphsurgeon.checkpoint_io import (
     WRAPPER_KEYS,
     check_finite_tensors,
     check_keys_and_shapes,
+    check_weights_file,
     match_dtypes,
 )
 from graphsurgeon.errors import CheckpointError, ConfigError, InputError
@@ -297,9 +298,7 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """All tensors of a VAE checkpoint file, memory-mapped (so reading shapes touches no weights)."""
-    if not path.is_file():
-        raise CheckpointError(f"VAE checkpoint {path} is not a file" if path.exists()
-                              else f"VAE checkpoint {path} does not exist")
+    check_weights_file(path, "VAE checkpoint")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -314,9 +313,10 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a checkpoint, from the safetensors header or the memory-mapped pickle (no weights)."""
-    if path.suffix == ".safetensors" and path.is_file():
+    if path.suffix == ".safetensors":
         from safetensors import safe_open
 
+        check_weights_file(path, "VAE checkpoint")
         try:
             with safe_open(str(path), framework="pt") as handle:
                 return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
@@ -326,10 +326,14 @@ def _read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def _shape_of(shapes: Mapping[str, tuple[int, ...]], key: str, path: Path) -> tuple[int, ...]:
-    """Shape of the model's ``key``, also under the bare name the official loader would map onto it."""
+    """Shape of the model's convolution weight ``key``, also under the bare name the official loader would map onto
+    it; a tensor of another rank is refused naming it (its sizes would be read as the wrong ones)."""
     bare = re.sub(r"\.(conv|norm)\.(weight|bias)$", r".\2", key)
     for name in (key, bare):
         if name in shapes:
+            if len(shapes[name]) != 4:
+                raise CheckpointError(f"VAE checkpoint {path}: {name} has shape {tuple(shapes[name])}; a convolution "
+                                      "weight is 4-D (out, in, kh, kw): the file is damaged or not an Infinity BSQ-VAE")
             return shapes[name]
     raise CheckpointError(f"VAE checkpoint {path} has no {key!r} (nor {bare!r}); it is not an Infinity BSQ-VAE")
 

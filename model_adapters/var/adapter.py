@@ -15,12 +15,12 @@ from graphsurgeon.adapters import ModelAdapter
 from graphsurgeon.capture import CapturePlan, ScaleSpec, StateSlot
 from graphsurgeon.errors import InputError
 from graphsurgeon.fidelity import OutputView
-from graphsurgeon.images import ImagePipeline, ImageSources
+from graphsurgeon.images import ImagePipeline, ImageSources, SamplingSettings
 from graphsurgeon.runner import ScaleRunner
 
 from .builder import build_var
-from .sampler import (EagerRunner, VARGenerateArgs, VAROutput, decode, generate_checked, kv_caching, model_device,
-                      residual_step, scale_step, validate_generate_args)
+from .sampler import (EagerRunner, VARGenerateArgs, VAROutput, check_cfg, decode, generate_checked, kv_caching,
+                      model_device, residual_step, scale_step, validate_generate_args)
 from .vqvae import build_var_vqvae
 
 
@@ -75,6 +75,11 @@ class VARAdapter(ModelAdapter):
 
     def forced_args(self, generate_kwargs: dict[str, Any], reference: OutputView) -> dict[str, Any]:
         return {**generate_kwargs, "force_indices": reference.drawn, "return_logits": True}
+
+    def check_settings(self, settings: SamplingSettings) -> None:
+        """cfg passes the sampler's check; VAR has one schedule per model (no presets) and no temperature."""
+        if settings.cfg is not None:
+            check_cfg(settings.cfg)
 
     def check_sources(self, sources: ImageSources, conditions: list[str]) -> None:
         from .pipeline import check_sources

@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from graphsurgeon.checkpoint_io import check_keys_and_shapes, match_dtypes, read_checkpoint
+from graphsurgeon.checkpoint_io import check_keys_and_shapes, match_dtypes, read_checkpoint, read_shapes
 
 from .builder import build_var
 from .config import NAMED_CONFIGS, PATCH_NUMS_256, VARConfig, resolve_var_config
@@ -33,6 +33,35 @@ def _named_config_fitting(state: dict[str, torch.Tensor]) -> Optional[str]:
         if reference.keys() == state.keys() and all(reference[k].shape == state[k].shape for k in state):
             return f"this checkpoint matches the named config {name!r}"
     return None
+
+
+def check_var_fits(path: Union[str, Path], config: Union[str, dict, VARConfig]) -> None:
+    """Refuse a transformer checkpoint whose keys or shapes do not fit ``config``, from its headers only."""
+    state = read_shapes(path)
+    check_keys_and_shapes(build_var(resolve_var_config(config), device="meta").state_dict(), state, str(path),
+                          "the VAR config", hint=lambda: _named_config_fitting(state))
+
+
+def check_vqvae_fits(path: Union[str, Path], V: int = 4096, Cvae: int = 32, ch: int = 160, share_quant_resi: int = 4,
+                     patch_nums: Sequence[int] = PATCH_NUMS_256) -> None:
+    """Refuse a VQVAE checkpoint :func:`load_var_vqvae` would refuse for these arguments (format, keys, shapes),
+    from its headers only, so a command line fails before it builds anything."""
+    _check_vqvae_state(read_shapes(path), path, V, Cvae, ch, share_quant_resi, patch_nums)
+
+
+def _check_vqvae_state(state: dict[str, torch.Tensor], path: Union[str, Path], V: int, Cvae: int, ch: int,
+                       share_quant_resi: int, patch_nums: Sequence[int]) -> tuple[VQVAE, dict[str, torch.Tensor]]:
+    """The VQVAE built on meta and ``state`` with the codebook statistics of another schedule replaced, checked."""
+    vae = build_var_vqvae(device="meta", V=V, Cvae=Cvae, ch=ch, share_quant_resi=share_quant_resi,
+                          patch_nums=patch_nums)
+    expected = vae.state_dict()
+    ema = state.get(EMA_KEY)
+    if ema is not None and ema.ndim == 2 and ema.shape[1] == V and ema.shape[0] != len(vae.quantize.v_patch_nums):
+        state = dict(state, **{EMA_KEY: torch.zeros(expected[EMA_KEY].shape, dtype=expected[EMA_KEY].dtype,
+                                                    device=ema.device)})
+    check_keys_and_shapes(expected, state, str(path), "the VQVAE arguments "
+                          f"(V={V}, Cvae={Cvae}, ch={ch}, share_quant_resi={share_quant_resi})")
+    return vae, state
 
 
 def load_var(path: Union[str, Path], config: Union[str, dict, VARConfig], device: Union[str, torch.device] = "cpu",
@@ -62,13 +91,6 @@ def load_var_vqvae(path: Union[str, Path], device: Union[str, torch.device] = "c
     reads them.
     """
     state, sources = read_checkpoint(path, check_finite)
-    vae = build_var_vqvae(device="meta", V=V, Cvae=Cvae, ch=ch, share_quant_resi=share_quant_resi,
-                          patch_nums=patch_nums)
-    expected = vae.state_dict()
-    ema = state.get(EMA_KEY)
-    if ema is not None and ema.ndim == 2 and ema.shape[1] == V and ema.shape[0] != len(vae.quantize.v_patch_nums):
-        state = dict(state, **{EMA_KEY: torch.zeros(expected[EMA_KEY].shape, dtype=expected[EMA_KEY].dtype)})
-    check_keys_and_shapes(expected, state, str(path), "the VQVAE arguments "
-                          f"(V={V}, Cvae={Cvae}, ch={ch}, share_quant_resi={share_quant_resi})")
-    vae.load_state_dict(match_dtypes(expected, state, sources, dtype), strict=True, assign=True)
+    vae, state = _check_vqvae_state(state, path, V, Cvae, ch, share_quant_resi, patch_nums)
+    vae.load_state_dict(match_dtypes(vae.state_dict(), state, sources, dtype), strict=True, assign=True)
     return vae.to(device=torch.device(device)).eval().requires_grad_(False)

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from graphsurgeon.errors import ConfigError
+from graphsurgeon.errors import CheckpointError, ConfigError
 from graphsurgeon.images import ImagePipeline, ImageSources, SamplingSettings
 
 from .builder import build_var
-from .checkpoint import load_var, load_var_vqvae
+from .checkpoint import check_var_fits, check_vqvae_fits, load_var, load_var_vqvae
 from .config import resolve_var_config
 from .sampler import decode
 from .vqvae import build_var_vqvae
@@ -21,13 +21,23 @@ SAMPLING_DEFAULTS = dict(cfg=4.0, top_k=900, top_p=0.95)
 
 
 def check_sources(sources: ImageSources, conditions: list[str]) -> None:
-    """Files exist, no text encoder (VAR is class-conditional), every condition a class label of the config."""
+    """Files exist and fit the config (their format, keys and shapes, from the headers only), no text encoder (VAR
+    is class-conditional), every condition a class label of the config."""
     if sources.checkpoint is not None and sources.config is None:
         raise ConfigError("--checkpoint needs --config naming its layout (var-d16, ..., var-d30)")
     config = resolve_var_config(sources.config or "var-tiny")
     for option, path in (("--checkpoint", sources.checkpoint), ("--vae", sources.vae)):
-        if path is not None and not Path(path).is_file():
+        if path is not None and not Path(path).exists():
             raise ConfigError(f"{option} {path}: no such file")
+    checks = (("--checkpoint", sources.checkpoint, lambda path: check_var_fits(path, config)),
+              ("--vae", sources.vae, lambda path: check_vqvae_fits(path, V=config.vocab_size, Cvae=config.Cvae,
+                                                                   patch_nums=config.patch_nums)))
+    for option, path, check in checks:
+        if path is not None:
+            try:
+                check(path)
+            except (ConfigError, CheckpointError) as err:
+                raise ConfigError(f"{option}: {err}") from None
     if sources.text_encoder is not None:
         raise ConfigError("--text-encoder does not apply: VAR is class-conditional (give class labels as --prompt)")
     bad = [c for c in conditions if not (c.strip().isdigit() and int(c) < config.num_classes)]

@@ -278,11 +278,24 @@ def _check_forced(model, force_indices: Any, batch: int) -> list[torch.Tensor]:
     return forced
 
 
+CFG_LIMIT = 1000.0
+"""The largest guidance scale accepted (the official demo uses 4): far beyond it the guided logits
+``(1 + t) * cond - t * uncond`` overflow to inf and sampling fails inside torch."""
+
+
+def check_cfg(cfg: Any) -> float:
+    """The guidance scale as a float: a finite number within [-CFG_LIMIT, CFG_LIMIT]."""
+    if not isinstance(cfg, numbers.Real) or isinstance(cfg, bool) or not math.isfinite(cfg):
+        raise InputError(f"cfg must be a finite number, got {cfg!r}")
+    if abs(cfg) > CFG_LIMIT:
+        raise InputError(f"cfg must be within [-{CFG_LIMIT:g}, {CFG_LIMIT:g}] (the official value is 4), got {cfg:g}")
+    return float(cfg)
+
+
 def _check_args(model, vae, labels, B, cfg, top_k, top_p, seed, more_smooth, force_indices,
                 return_logits) -> VARGenerateArgs:
     check_vae_fits(model, vae)
-    if not isinstance(cfg, numbers.Real) or isinstance(cfg, bool) or not math.isfinite(cfg):
-        raise InputError(f"cfg must be a finite number, got {cfg!r}")
+    cfg = check_cfg(cfg)
     k = _as_int(top_k)
     if k is None or k < 0:
         raise InputError(f"top_k must be an int >= 0, got {top_k!r}")
