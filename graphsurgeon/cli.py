@@ -401,6 +401,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _fail(str(err))
     except OSError as err:  # the machine's answer to a path or a write (disk full, permissions): not a bug here
         return _fail(f"{err.strerror or err}: {err.filename}" if err.filename else str(err))
+    except KeyboardInterrupt:  # Ctrl-C: the command has already removed what it had half written
+        print("graphsurgeon: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

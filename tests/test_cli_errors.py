@@ -161,3 +161,12 @@ def test_installed_command(tmp_path, a_file, args, needle):
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
     assert not done.stdout  # nothing ran: a benchmark prints its progress and table
     assert time.perf_counter() - start < 60  # interpreter and torch start-up only
+
+
+def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "capture", interrupted)
+    assert main(["check", *TINY]) == 130
+    assert capsys.readouterr().err == "graphsurgeon: interrupted\n"
