@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 	$(BIN)/graphsurgeon generate --config infinity-tiny --pn 0.25M --prompt "a red apple" --prompt "a blue bird" \
-		--passes lhep,sats --compare --report out/demo_images/report.html --out out/demo_images
+		--passes lhep,sats --compare --report out/demo_images/report.html --out out/demo_images --overwrite
 
 # One pytest-xdist worker per core (each computing on one thread: tests/conftest.py); TEST_WORKERS=0 runs in-process.
 TEST_WORKERS ?= 2
