@@ -223,8 +223,7 @@ def test_an_interrupt_after_image_0_leaves_the_earlier_run_as_it_was(tmp_path, m
         return made[-1]
 
     monkeypatch.setattr(graphsurgeon.generate, "_one_image", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        main([*VAR, "--prompt", "3", "--prompt", "7", "--overwrite", "--out", str(out)])
+    assert main([*VAR, "--prompt", "3", "--prompt", "7", "--overwrite", "--out", str(out)]) == 130  # Ctrl-C's status
     assert made and folder(out) == before  # image 0 was made, yet nothing in the folder changed
 
 
